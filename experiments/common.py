@@ -1,0 +1,143 @@
+"""What every experiment shares: presets from JSON files, the common command-line options, and
+result files (JSON for programs, a markdown table and PNG figures for people)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference.train import atomic_write
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def load_presets(experiment: str) -> dict[str, dict[str, Any]]:
+    """All presets of ``experiment`` from ``experiments/presets/<experiment>.json``."""
+    path = PRESET_DIR / f"{experiment}.json"
+    with open(path) as f:
+        presets = json.load(f)
+    return {k: v for k, v in presets.items() if not k.startswith("_")}
+
+
+def resolve_config(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen preset with every command-line option the user gave (not None) laid over it."""
+    presets = load_presets(experiment)
+    if args.preset not in presets:
+        raise ValueError(f"unknown preset {args.preset!r} for {experiment}; choose one of {sorted(presets)}")
+    config = dict(presets[args.preset])
+    for key, value in vars(args).items():
+        if value is not None and key in config:
+            config[key] = value
+    config["preset"] = args.preset
+    return config
+
+
+def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_out: str) -> None:
+    """Options every experiment has. Preset values are the defaults of the options left as None."""
+    presets = load_presets(experiment)
+    parser.add_argument(
+        "--preset", default="quick", choices=sorted(presets),
+        help=f"configuration preset from experiments/presets/{experiment}.json: "
+        + "; ".join(f"{k}: {v.get('about', '')}" for k, v in presets.items()),
+    )
+    parser.add_argument("--out", default=None, help=f"output directory (default {default_out}/<preset>)")
+    parser.add_argument(
+        "--data-dir", default=None,
+        help="directory with the Fashion-MNIST IDX .gz files (default: $SEQGEN_FASHION_MNIST_DIR, "
+        "else /usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:0, ... (default cpu)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def output_dir(args: argparse.Namespace, default_out: str) -> Path:
+    out = Path(args.out) if args.out else Path(default_out) / args.preset
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if torch.is_tensor(obj):
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "tolist"):  # numpy
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (tensors and arrays become lists)."""
+    text = json.dumps(_jsonable(obj), indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: str | os.PathLike,
+                    ncol: int = 8, title: str | None = None) -> None:
+    """Save rows of flattened grey images in [0, 1] as a PNG grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = images.detach().cpu().reshape(-1, *image_shape)
+    n = images.shape[0]
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(ncol * 0.9, nrow * 0.9 + (0.4 if title else 0)))
+    for i, ax in enumerate(axes.flat if hasattr(axes, "flat") else [axes]):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_curves(metrics: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | os.PathLike,
+                ylabel: str = "nats per image", title: str | None = None) -> None:
+    """Plot per-epoch metrics (e.g. train loss and validation bound) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in keys:
+        pts = [(m["epoch"], m[key]) for m in metrics if key in m and m[key] is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,768 @@
+"""
+The training driver shared by every experiment in this library.
+
+A :class:`Trainer` owns one training run: it draws minibatches, takes optimiser steps, logs metrics,
+writes checkpoints and resumes from them. Everything model-specific lives in the Pyro ``model`` and
+``guide`` callables, one :class:`torch.nn.Module` that holds all their networks (they register it
+themselves with ``pyro.module(name, module)``, as in Pyro's ``examples/vae.py``), and optional
+:class:`ExtraTerm` hooks for networks trained with their own optimisers (discriminators, Q-networks...).
+
+Design
+------
+**Two optimisation modes**, chosen by the type of ``optimizer``:
+
+* *SVI mode* -- a :class:`pyro.optim.PyroOptim` (e.g. ``pyro.optim.ClippedAdam({"lr": 1e-3})``).
+  A step is :meth:`pyro.infer.SVI.step` (``loss.loss_and_grads`` under a param-only trace, then the
+  lazily created per-parameter optimisers), except that the loss is checked to be finite *before* the
+  optimiser touches the parameters. Parameters created with ``pyro.param`` outside the module are
+  trained and checkpointed too.
+* *Differentiable-loss mode* -- a factory ``lambda params: torch.optim.Adam(params, lr=1e-3)``, called
+  once with ``module.parameters()``. A step computes ``loss.differentiable_loss(model, guide, *batch)``
+  plus the :meth:`ExtraTerm.generator_loss` of every hook, checks it is finite, back-propagates and
+  steps. All trainable parameters must therefore live in ``module``.
+
+**Losses** are reported per data point: the ELBO loss of a minibatch is assumed to be *summed* over
+the minibatch (the default for a model that scores the whole batch under ``pyro.plate`` without
+subsampling scale) and is divided by the minibatch size. ``train_loss`` in the metrics is the
+per-data-point loss averaged over the epoch (i.e. summed batch losses divided by the number of data).
+
+**Reproducibility.** The constructor seeds torch, numpy and ``random`` like :func:`pyro.set_rng_seed`
+(build the module *before* or seed it yourself: its initial weights are the caller's business), and
+the driver's own :class:`torch.Generator` (on the training device) which shuffles the data each epoch
+and is handed to ``transform(batch, generator)`` for per-minibatch randomness such as dynamic
+binarisation. A checkpoint holds every piece of state a step depends on -- weights, optimiser moments,
+non-module Pyro params, epoch/step, the data generator, the global torch/CUDA/numpy/python RNGs, the
+metrics so far, hook states and, for checkpoints taken inside an epoch, that epoch's permutation and
+partial sums -- so ``fit(resume=True)`` continues with losses *bit-identical* to an uninterrupted run.
+:meth:`Trainer.fit` starts with :func:`pyro.clear_param_store` so that stale parameters of an earlier
+run can neither shadow the module's nor leak into the checkpoint, and resets the ``PyroOptim``'s
+per-parameter optimisers; on resume their state is handed to :meth:`PyroOptim.set_state`, which is
+consumed when each parameter is first seen at the first step.
+
+**Safety.** Checkpoints are written atomically (temporary file in the same directory, flush, fsync,
+:func:`os.replace`): a crash mid-write leaves the previous checkpoint intact. A NaN/inf loss raises
+:class:`NonFiniteLossError` before any parameter is updated and before anything is written, so both
+the parameters in memory and the checkpoint on disk are the last good ones. The checkpoint is the
+source of truth for ``metrics.jsonl``: it is saved first and the metrics line appended after, and on
+resume ``metrics.jsonl`` is rewritten from the checkpoint.
+
+Checkpoints are loaded with ``torch.load(..., weights_only=False)`` (they contain numpy/python RNG
+states and Pyro constraint objects): only resume from checkpoints you wrote yourself.
+
+Example::
+
+    # SVI mode
+    trainer = Trainer(model, guide, vae, Trace_ELBO(), pyro.optim.ClippedAdam({"lr": 1e-3}),
+                      train_data=x, batch_size=128, epochs=50, seed=0, device="cuda",
+                      out_dir="runs/vae", transform=lambda x, g: torch.bernoulli(x, generator=g))
+    metrics = trainer.fit()
+    # ... killed at epoch 20; later, in a new process with the same arguments:
+    metrics = trainer.fit(resume=True)  # fails clearly if out_dir has no checkpoint
+
+    # Differentiable-loss mode, with a discriminator hook adding an adversarial generator term
+    trainer = Trainer(model, guide, vae, Trace_ELBO(), lambda ps: torch.optim.Adam(ps, lr=1e-3),
+                      train_data=x, batch_size=128, epochs=50, seed=0, device="cpu",
+                      out_dir="runs/vae_gan", extras=[MyDiscriminator(vae)], clip_norm=10.0)
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, Union
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer.elbo import ELBO
+from pyro.infer.util import torch_item, zero_grads
+from pyro.optim import PyroOptim
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "METRICS_NAME",
+    "Batch",
+    "ExtraTerm",
+    "NonFiniteLossError",
+    "OptimizerFactory",
+    "Trainer",
+    "atomic_write",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+_FORMAT_VERSION = 1
+_RESERVED_METRICS = ("epoch", "step", "train_loss", "seconds")
+
+#: A minibatch: one tensor, or a tuple of tensors indexed together (splatted into model/guide).
+Batch = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+#: Differentiable-loss mode: builds the optimiser from ``module.parameters()``.
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class NonFiniteLossError(RuntimeError):
+    """
+    Raised when a training loss is NaN or infinite. The offending step updated no parameter and
+    wrote nothing to disk, so the module holds the weights of the last good step and the checkpoint
+    (if any) is the last good one.
+
+    :ivar int epoch: 1-based epoch of the bad step.
+    :ivar int step: 1-based global step that produced the bad loss.
+    :ivar float value: the loss value.
+    :ivar checkpoint_path: the kept checkpoint, or ``None`` if none had been written in this run.
+    """
+
+    def __init__(self, epoch: int, step: int, value: float, checkpoint_path: Path | None):
+        self.epoch = epoch
+        self.step = step
+        self.value = value
+        self.checkpoint_path = checkpoint_path
+        if checkpoint_path is None:
+            kept = "no checkpoint had been written yet"
+        else:
+            kept = f"the last good checkpoint at {checkpoint_path} was kept"
+        super().__init__(
+            f"non-finite loss {value} at epoch {epoch}, step {step}; training stopped before the "
+            f"optimiser step (parameters in memory are those of the last good step) and {kept}"
+        )
+
+    def __reduce__(self):
+        # RuntimeError pickles self.args, which would not match __init__'s signature.
+        return (type(self), (self.epoch, self.step, self.value, self.checkpoint_path))
+
+
+class ExtraTerm:
+    """
+    Base class for networks that are trained alongside the main module with their own optimiser
+    (adversarial discriminators, guide functions, Q-networks...).
+
+    Subclasses set :attr:`module` and :attr:`optimizer` (built from ``module.parameters()``) in their
+    constructor. The trainer moves :attr:`module` to the training device (in place, so an optimiser
+    built before the move keeps valid references), checkpoints :meth:`state_dict` and, after each
+    main step, zeroes :attr:`optimizer`'s gradients (they may hold gradients of
+    :meth:`generator_loss`) and calls :meth:`step`. Randomness should come from the global torch RNG,
+    which the trainer checkpoints.
+
+    :ivar str name: prefix of this hook's metrics (``"<name>/<key>"``); defaults to the class name.
+    """
+
+    name: str | None = None
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def generator_loss(self, batch: Batch) -> torch.Tensor | None:
+        """
+        An optional scalar added to the main differentiable loss (differentiable-loss mode only),
+        e.g. an adversarial term for the generator. It is added as is: scale it consistently with the
+        summed-over-batch ELBO. Return ``None`` for no term.
+        """
+        return None
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """
+        Update this hook's networks on the (transformed) minibatch the main step just used. Returns
+        scalar metrics, averaged over the epoch's steps into ``metrics.jsonl``.
+        """
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> None:
+    """
+    Write a file atomically: ``write(f)`` fills a temporary file in the same directory, which is
+    flushed and fsynced, then :func:`os.replace`\\ d onto ``path``. If anything fails (or the process
+    is killed) the previous file at ``path`` is left intact; on an exception the temporary file is
+    removed.
+    """
+    path = Path(path)
+    fd, tmp = _open_temp(path)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Atomically write ``state`` with :func:`torch.save` (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(dict(state), f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """
+    Load a checkpoint written by :func:`save_checkpoint`. ``map_location`` defaults to CPU, which
+    keeps RNG states loadable; module and optimiser ``load_state_dict`` move tensors to the right
+    device. Uses ``weights_only=False``: only load files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint found at {path}")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+class Trainer:
+    """
+    Trains ``model``/``guide`` (and optional :class:`ExtraTerm` hooks) on ``train_data``; see the
+    module docstring for the design.
+
+    :param model: Pyro model, called as ``model(*batch)``.
+    :param guide: Pyro guide, called as ``guide(*batch)``.
+    :param module: the :class:`~torch.nn.Module` holding every network ``model`` and ``guide`` use.
+    :param loss: a :class:`pyro.infer.ELBO`; its loss must be summed over the minibatch.
+    :param optimizer: a :class:`~pyro.optim.PyroOptim` (SVI mode) or a factory
+        ``params -> torch.optim.Optimizer`` (differentiable-loss mode).
+    :param train_data: a tensor with data along dim 0, or a tuple of such tensors indexed together.
+    :param batch_size: minibatch size; the last, partial minibatch of an epoch is kept.
+    :param epochs: total number of epochs (including those done before a resume).
+    :param seed: seeds the global RNGs (on a fresh run) and the data generator.
+    :param device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (or a :class:`torch.device`).
+    :param out_dir: directory for ``checkpoint.pt`` and ``metrics.jsonl``; created if missing.
+    :param transform: ``transform(batch, generator) -> batch`` applied to each minibatch on the device,
+        e.g. dynamic binarisation; draw its randomness from ``generator`` (which lives on the device).
+    :param evaluate: ``evaluate(epoch) -> dict`` called after each epoch; its scalars join the metrics.
+    :param extras: :class:`ExtraTerm` hooks.
+    :param progress: show a tqdm progress bar.
+    :param clip_norm: if set, clip the global gradient norm of the step's parameters to this value.
+    :param checkpoint_every_steps: also checkpoint every this many global steps (inside epochs).
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        guide: Callable[..., Any],
+        module: nn.Module,
+        loss: ELBO,
+        optimizer: PyroOptim | OptimizerFactory,
+        train_data: torch.Tensor | Sequence[torch.Tensor],
+        batch_size: int,
+        epochs: int,
+        seed: int,
+        device: str | torch.device,
+        out_dir: str | os.PathLike,
+        transform: Callable[[Batch, torch.Generator], Batch] | None = None,
+        evaluate: Callable[[int], Mapping[str, Any]] | None = None,
+        extras: Sequence[ExtraTerm] = (),
+        progress: bool = True,
+        clip_norm: float | None = None,
+        checkpoint_every_steps: int | None = None,
+    ):
+        if not callable(model) or not callable(guide):
+            raise TypeError("model and guide must be callables")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if not isinstance(loss, ELBO):
+            raise TypeError(f"loss must be a pyro.infer.ELBO instance, got {type(loss).__name__}")
+        _check_int("batch_size", batch_size, minimum=1)
+        _check_int("epochs", epochs, minimum=0)
+        _check_int("seed", seed, minimum=None)
+        if checkpoint_every_steps is not None:
+            _check_int("checkpoint_every_steps", checkpoint_every_steps, minimum=1)
+        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
+            raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
+        for fn_name, fn in (("transform", transform), ("evaluate", evaluate)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{fn_name} must be callable or None")
+
+        self.model = model
+        self.guide = guide
+        self.module = module
+        self.loss = loss
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.seed = seed
+        self.transform = transform
+        self.evaluate = evaluate
+        self.progress = progress
+        self.clip_norm = clip_norm
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.device = _resolve_device(device)
+        self._data, self._data_is_tuple = _check_data(train_data)
+        self.num_data = self._data[0].shape[0]
+
+        self.out_dir = Path(out_dir)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create out_dir {self.out_dir}: {e}") from e
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        self.metrics_path = self.out_dir / METRICS_NAME
+
+        self.module.to(self.device)
+        self.extras = list(extras)
+        self._check_extras()
+        for extra in self.extras:
+            extra.module.to(self.device)
+
+        if isinstance(optimizer, PyroOptim):
+            self.mode = "svi"
+            self.pyro_optim: PyroOptim | None = optimizer
+            self.optimizer: torch.optim.Optimizer | None = None
+            overriding = [_extra_name(e) for e in self.extras if _overrides_generator_loss(e)]
+            if overriding:
+                raise ValueError(
+                    f"ExtraTerm.generator_loss is only supported in differentiable-loss mode (pass an "
+                    f"optimiser factory instead of a PyroOptim); hooks defining it: {overriding}"
+                )
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "pass a factory such as `lambda params: torch.optim.Adam(params, lr=1e-3)` rather than "
+                "an optimiser instance: the trainer builds it from module.parameters() on the device"
+            )
+        elif callable(optimizer):
+            self.mode = "diff"
+            if not callable(getattr(loss, "differentiable_loss", None)):
+                raise TypeError(
+                    f"{type(loss).__name__} has no differentiable_loss(); use it in SVI mode (PyroOptim)"
+                )
+            self.pyro_optim = None
+            self.optimizer = optimizer(self.module.parameters())
+            if not isinstance(self.optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"the optimizer factory must return a torch.optim.Optimizer, "
+                    f"got {type(self.optimizer).__name__}"
+                )
+        else:
+            raise TypeError(
+                "optimizer must be a pyro.optim.PyroOptim (SVI mode) or a callable "
+                f"params -> torch.optim.Optimizer (differentiable-loss mode), got {type(optimizer).__name__}"
+            )
+
+        # Fresh-run seeding; fit(resume=True) overwrites all of it from the checkpoint.
+        pyro.set_rng_seed(seed)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+        self.metrics: list[dict[str, Any]] = []
+        self.epoch = 0  # completed epochs
+        self.step = 0  # completed global steps
+        self._epoch_state: dict[str, Any] | None = None  # set when resuming inside an epoch
+        self._has_checkpoint = False  # a checkpoint of *this* run exists on disk
+        self._params_checked = False
+        self._fitted = False
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_data / self.batch_size)
+
+    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
+        """
+        Train up to ``epochs`` epochs and return the per-epoch metric dicts (all epochs of the run,
+        including those before a resume). With ``resume=True`` continue from ``out_dir/checkpoint.pt``
+        (which must exist); otherwise start afresh, truncating ``metrics.jsonl`` (an old checkpoint is
+        overwritten at the end of the first epoch). A trainer can be fitted once.
+        """
+        if self._fitted:
+            raise RuntimeError("Trainer.fit() can only be called once; build a new Trainer to continue")
+        self._fitted = True
+        # Stale entries would shadow the module's parameters (pyro.param returns the stored tensor).
+        pyro.clear_param_store()
+        if self.pyro_optim is not None:
+            _reset_pyro_optim(self.pyro_optim)
+        if resume:
+            if not self.checkpoint_path.is_file():
+                raise FileNotFoundError(
+                    f"cannot resume: no checkpoint at {self.checkpoint_path} (run fit() without resume first)"
+                )
+            self._restore(load_checkpoint(self.checkpoint_path))
+            text = "".join(_json_line(m) for m in self.metrics)
+            atomic_write(self.metrics_path, lambda f: f.write(text), binary=False)
+        else:
+            atomic_write(self.metrics_path, lambda f: None, binary=False)
+        self.module.train()
+        for extra in self.extras:
+            extra.module.train()
+        self._train()
+        return [dict(m) for m in self.metrics]
+
+    # ------------------------------------------------------------------ training loop
+
+    def _train(self) -> None:
+        steps_per_epoch = self.steps_per_epoch
+        total = self.epochs * steps_per_epoch
+        bar = tqdm(
+            total=total, initial=min(self.step, total), disable=not self.progress, desc="train", unit="step"
+        )
+        try:
+            while self.epoch < self.epochs:
+                epoch = self.epoch + 1
+                state = self._epoch_state or {
+                    "perm": torch.randperm(self.num_data, generator=self.generator, device=self.device).cpu(),
+                    "batch": 0,
+                    "loss_sum": 0.0,
+                    "num_points": 0,
+                    "sums": {},
+                    "seconds": 0.0,
+                }
+                self._epoch_state = None
+                start = time.perf_counter() - state["seconds"]
+                perm = state["perm"]
+                for b in range(state["batch"], steps_per_epoch):
+                    idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
+                    batch = self._get_batch(idx)
+                    loss, terms = self._main_step(batch, epoch)
+                    self.step += 1
+                    for extra in self.extras:
+                        # Hooks start clean: generator_loss may have left gradients in their networks.
+                        extra.optimizer.zero_grad(set_to_none=True)
+                        terms.update(_prefixed(extra, extra.step(batch)))
+                    state["loss_sum"] += loss
+                    state["num_points"] += idx.numel()
+                    for key, value in terms.items():
+                        acc = state["sums"].setdefault(key, [0.0, 0])
+                        acc[0] += float(value)
+                        acc[1] += 1
+                    state["batch"] = b + 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{state['loss_sum'] / state['num_points']:.4g}", refresh=False)
+                    every = self.checkpoint_every_steps
+                    if every is not None and self.step % every == 0 and b + 1 < steps_per_epoch:
+                        state["seconds"] = time.perf_counter() - start
+                        self._save(epoch_state=state)
+
+                metrics = {
+                    "epoch": epoch,
+                    "step": self.step,
+                    "train_loss": state["loss_sum"] / state["num_points"],
+                }
+                metrics.update({key: s / n for key, (s, n) in state["sums"].items()})
+                if self.evaluate is not None:
+                    metrics.update(self._run_evaluate(epoch, metrics))
+                metrics["seconds"] = time.perf_counter() - start
+                self.metrics.append(metrics)
+                self.epoch = epoch
+                # Checkpoint first: it is the source of truth metrics.jsonl is rebuilt from on resume.
+                self._save(epoch_state=None)
+                with open(self.metrics_path, "a") as f:
+                    f.write(_json_line(metrics))
+                    f.flush()
+                    os.fsync(f.fileno())
+        finally:
+            bar.close()
+
+    def _get_batch(self, idx: torch.Tensor) -> Batch:
+        tensors = tuple(t[idx.to(t.device)].to(self.device) for t in self._data)
+        batch: Batch = tensors if self._data_is_tuple else tensors[0]
+        if self.transform is not None:
+            batch = self.transform(batch, self.generator)
+        return batch
+
+    def _main_step(self, batch: Batch, epoch: int) -> tuple[float, dict[str, float]]:
+        """One optimiser step; returns the batch's (summed) ELBO loss and generator-loss terms."""
+        args = batch if isinstance(batch, tuple) else (batch,)
+        if self.mode == "svi":
+            return self._svi_step(args, epoch), {}
+        return self._diff_step(batch, args, epoch)
+
+    def _svi_step(self, args: tuple, epoch: int) -> float:
+        # As pyro.infer.SVI.step, with the finiteness check moved before the update.
+        with poutine.trace(param_only=True) as param_capture:
+            loss = self.loss.loss_and_grads(self.model, self.guide, *args)
+        params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
+        # Some losses (e.g. ReweightedWakeSleep) return a tuple; the first entry is reported.
+        values = [torch_item(v) for v in (loss if isinstance(loss, tuple) else (loss,))]
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        if bad is not None:
+            zero_grads(params)
+            self._raise_non_finite(epoch, bad)
+        if self.clip_norm is not None:
+            # A fixed order keeps the float reduction inside clip_grad_norm_ reproducible across runs.
+            store = pyro.get_param_store()
+            ordered = sorted(params, key=lambda p: store.param_name(p) or "")
+            torch.nn.utils.clip_grad_norm_(ordered, self.clip_norm)
+        self.pyro_optim(params)
+        zero_grads(params)
+        return values[0]
+
+    def _diff_step(self, batch: Batch, args: tuple, epoch: int) -> tuple[float, dict[str, float]]:
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._params_checked:
+            elbo_loss = self.loss.differentiable_loss(self.model, self.guide, *args)
+        else:
+            with poutine.trace(param_only=True) as param_capture:
+                elbo_loss = self.loss.differentiable_loss(self.model, self.guide, *args)
+            self._check_diff_params(param_capture.trace)
+        total = elbo_loss
+        terms: dict[str, float] = {}
+        for extra in self.extras:
+            term = extra.generator_loss(batch)
+            if term is not None:
+                total = total + term
+                terms[f"{_extra_name(extra)}/generator_loss"] = float(term.detach())
+        value = float(total.detach())
+        if not math.isfinite(value):
+            self._raise_non_finite(epoch, value)
+        total.backward()
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.module.parameters()), self.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(elbo_loss.detach()), terms
+
+    def _raise_non_finite(self, epoch: int, value: float) -> NoReturn:
+        path = self.checkpoint_path if self._has_checkpoint else None
+        raise NonFiniteLossError(epoch, self.step + 1, value, path)
+
+    def _run_evaluate(self, epoch: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        result = self.evaluate(epoch)
+        if result is None:
+            result = {}
+        if not isinstance(result, Mapping):
+            raise TypeError(f"evaluate(epoch) must return a dict, got {type(result).__name__}")
+        clash = sorted(set(result) & (set(metrics) | set(_RESERVED_METRICS)))
+        if clash:
+            raise ValueError(f"evaluate() returned metric names that are already used: {clash}")
+        # evaluate() commonly switches to eval mode; training continues in train mode.
+        self.module.train()
+        for extra in self.extras:
+            extra.module.train()
+        return {key: _scalar(value) for key, value in result.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self, epoch_state: dict[str, Any] | None) -> None:
+        state: dict[str, Any] = {
+            "format_version": _FORMAT_VERSION,
+            "mode": self.mode,
+            "num_data": self.num_data,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "step": self.step,
+            "epoch_state": epoch_state,
+            "module": self.module.state_dict(),
+            "param_store": self._non_module_params(),
+            "optimizer": (
+                self.pyro_optim.get_state() if self.pyro_optim is not None else self.optimizer.state_dict()
+            ),
+            "extras": [extra.state_dict() for extra in self.extras],
+            "extra_names": [_extra_name(extra) for extra in self.extras],
+            "data_generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "metrics": self.metrics,
+        }
+        save_checkpoint(state, self.checkpoint_path)
+        self._has_checkpoint = True
+
+    def _restore(self, ckpt: Mapping[str, Any]) -> None:
+        path = self.checkpoint_path
+        if ckpt.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported checkpoint format {ckpt.get('format_version')!r}")
+        expected = {
+            "mode": self.mode,
+            "num_data": self.num_data,
+            "batch_size": self.batch_size,
+            "extra_names": [_extra_name(e) for e in self.extras],
+        }
+        for key, value in expected.items():
+            if ckpt[key] != value:
+                raise ValueError(
+                    f"cannot resume from {path}: it was written with {key}={ckpt[key]!r}, this trainer has "
+                    f"{key}={value!r}"
+                )
+        self.module.load_state_dict(ckpt["module"])
+        store_state = ckpt["param_store"]
+        if store_state["params"]:
+            # Leaf tensors on the device, as pyro.param would have created them.
+            params = {
+                name: p.detach().to(self.device).requires_grad_(True)
+                for name, p in store_state["params"].items()
+            }
+            pyro.get_param_store().set_state({"params": params, "constraints": store_state["constraints"]})
+        if self.pyro_optim is not None:
+            # Consumed lazily, when each parameter is first seen (by name) at the first step.
+            self.pyro_optim.set_state(ckpt["optimizer"])
+        else:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        for extra, extra_state in zip(self.extras, ckpt["extras"], strict=True):
+            extra.load_state_dict(extra_state)
+
+        self.generator.set_state(ckpt["data_generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        np.random.set_state(ckpt["numpy_rng"])
+        random.setstate(ckpt["python_rng"])
+
+        self.metrics = [dict(m) for m in ckpt["metrics"]]
+        self.epoch = ckpt["epoch"]
+        self.step = ckpt["step"]
+        self._epoch_state = ckpt["epoch_state"]
+        self._has_checkpoint = True
+
+    def _non_module_params(self) -> dict[str, Any]:
+        """Param-store entries that are not parameters of the module or the hooks (e.g. pyro.param)."""
+        owned = {id(p) for p in self.module.parameters()}
+        for extra in self.extras:
+            owned.update(id(p) for p in extra.module.parameters())
+        state = pyro.get_param_store().get_state()
+        names = [name for name, p in state["params"].items() if id(p) not in owned]
+        return {
+            "params": {name: state["params"][name] for name in names},
+            "constraints": {name: state["constraints"][name] for name in names},
+        }
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_extras(self) -> None:
+        names = []
+        main = {id(p) for p in self.module.parameters()}
+        for i, extra in enumerate(self.extras):
+            if not isinstance(extra, ExtraTerm):
+                raise TypeError(f"extras[{i}] must be an ExtraTerm, got {type(extra).__name__}")
+            if not isinstance(getattr(extra, "module", None), nn.Module):
+                raise TypeError(f"extras[{i}].module must be a torch.nn.Module")
+            if not isinstance(getattr(extra, "optimizer", None), torch.optim.Optimizer):
+                raise TypeError(f"extras[{i}].optimizer must be a torch.optim.Optimizer")
+            if any(id(p) in main for p in extra.module.parameters()):
+                raise ValueError(f"extras[{i}].module shares parameters with the main module")
+            names.append(_extra_name(extra))
+        if len(set(names)) != len(names):
+            raise ValueError(f"ExtraTerm names must be unique (set .name), got {names}")
+
+    def _check_diff_params(self, trace) -> None:
+        # The optimiser only knows module.parameters(); anything else would silently stay untrained.
+        owned = {id(p) for p in self.module.parameters()}
+        stray = sorted(
+            name for name, site in trace.nodes.items() if id(site["value"].unconstrained()) not in owned
+        )
+        if stray:
+            raise ValueError(
+                f"in differentiable-loss mode all parameters must belong to `module`; model/guide use "
+                f"pyro.param sites outside it: {stray} (use SVI mode or move them into the module)"
+            )
+        self._params_checked = True
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _check_int(name: str, value: Any, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    available = _available_devices()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}; available devices: {available}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r} requested but CUDA is not available; available devices: {available}"
+            )
+        # Pin the index so that the generator and RNG states refer to one definite GPU.
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist; available devices: {available}")
+        return torch.device("cuda", index)
+    if dev.type == "cpu" or (dev.type == "mps" and "mps" in available):
+        return dev
+    raise ValueError(f"device {device!r} is not available; available devices: {available}")
+
+
+def _check_data(data: torch.Tensor | Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], bool]:
+    is_tuple = not isinstance(data, torch.Tensor)
+    tensors = tuple(data) if is_tuple else (data,)
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise TypeError("train_data must be a tensor or a non-empty tuple of tensors")
+    if any(t.dim() == 0 for t in tensors):
+        raise ValueError("train_data tensors must have a data dimension (dim 0)")
+    sizes = {t.shape[0] for t in tensors}
+    if len(sizes) != 1:
+        raise ValueError(f"train_data tensors must have the same size along dim 0, got {sorted(sizes)}")
+    if sizes.pop() == 0:
+        raise ValueError("train_data is empty")
+    return tensors, is_tuple
+
+
+def _reset_pyro_optim(optim: PyroOptim) -> None:
+    # PyroOptim keys its per-parameter optimisers by tensor; reused, it would keep stale moments for
+    # the same Parameter objects and never consume the state given to set_state().
+    optim.optim_objs.clear()
+    optim.grad_clip.clear()
+    optim._state_waiting_to_be_consumed.clear()
+
+
+def _overrides_generator_loss(extra: ExtraTerm) -> bool:
+    return type(extra).generator_loss is not ExtraTerm.generator_loss
+
+
+def _extra_name(extra: ExtraTerm) -> str:
+    return extra.name or type(extra).__name__
+
+
+def _prefixed(extra: ExtraTerm, metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    name = _extra_name(extra)
+    return {f"{name}/{key}": _scalar(value) for key, value in (metrics or {}).items()}
+
+
+def _scalar(value: Any) -> Any:
+    # Tensors and numpy scalars are not JSON-serialisable.
+    return value.item() if hasattr(value, "item") else value
+
+
+def _json_line(metrics: Mapping[str, Any]) -> str:
+    return json.dumps(dict(metrics)) + "\n"
+
+
+def _open_temp(path: Path) -> tuple[int, Path]:
+    # Same directory as `path`, so os.replace is an atomic rename. Unlike tempfile.mkstemp (mode 0600)
+    # this creates the file with the usual umask-derived permissions.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable on POSIX; not possible (nor needed) everywhere.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up seqgen on a fresh machine: a virtual environment in .venv with a pinned torch (the CPU build on a
+# CPU machine: an unpinned torch pulls several GB of CUDA wheels), seqgen with its test extras, and the
+# Fashion-MNIST data (Debian package dataset-fashion-mnist) where this machine can install it.
+# Safe to run again. Environment: PYTHON (default python3), SEQGEN_TORCH (default torch==2.13.0).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${SEQGEN_TORCH:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q "$TORCH_SPEC"
+.venv/bin/python -m pip install -q -e ".[test]"
+
+# Fashion-MNIST: the experiments read IDX .gz files from --data-dir, $SEQGEN_FASHION_MNIST_DIR, or the
+# Debian location. Nothing downloads at run time, so install them now if we can.
+FMNIST_DIR=${SEQGEN_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
+if [ -f "$FMNIST_DIR/t10k-images-idx3-ubyte.gz" ] || [ -f "$FMNIST_DIR/t10k-images-idx3-ubyte" ]; then
+    echo "setup: Fashion-MNIST found in $FMNIST_DIR"
+else
+    SUDO=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo"; fi
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; then
+        $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+            || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
+            || echo "setup: WARNING: apt-get could not install dataset-fashion-mnist" >&2
+    fi
+    if [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+        echo "setup: Fashion-MNIST installed in /usr/share/datasets/fashion-mnist"
+    else
+        cat >&2 <<'MSG'
+setup: Fashion-MNIST is not installed. The digits experiments and the tests work without it; for the
+Fashion-MNIST experiments either install the Debian/Ubuntu package (as root):
+    apt-get install dataset-fashion-mnist
+or put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and
+t10k-labels-idx1-ubyte.gz in a directory and pass --data-dir DIR or set SEQGEN_FASHION_MNIST_DIR=DIR.
+MSG
+    fi
+fi
+echo "setup: done (.venv/bin/python)"

@@ -1,0 +1,311 @@
+"""Bounds against known answers, in float64 (cf. Pyro's tests/infer/test_gradient.py).
+
+Known answers come from the linear-Gaussian chain (ppl_models/linear_gaussian.py): exact log p(x), the
+exact sequential posterior, and the ELBO of any sequential linear-Gaussian guide in closed form (and
+its exact gradient by autograd). Statistical tolerances are stated where they are used: each Monte
+Carlo mean is compared with its target at 5 standard errors (a false alarm rate of ~6e-7 per check),
+with the standard error measured from the same draws.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from inference.diagnostics import bound_ladder, check_ladder, effective_sample_size, psis_khat
+from inference.importance import importance_log_likelihood
+from inference.iwae import IWAE_ELBO, log_importance_weights
+from inference.pathwise_kl_elbo import PathwiseKL_ELBO
+from ppl_models.linear_gaussian import GuideParams, LinearGaussianChain
+
+Z = 5.0  # standard errors allowed for every Monte Carlo comparison
+
+
+@pytest.fixture(autouse=True)
+def _float64_and_seed():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    yield
+    torch.set_default_dtype(old)
+
+
+def _perturbed(p: GuideParams, amount: float = 1.0) -> GuideParams:
+    """A wrong but reasonable guide: shrunk regressions, shifted offsets, inflated scales."""
+    return GuideParams(
+        [f * (1 - 0.3 * amount) for f in p.F],
+        [G * (1 - 0.2 * amount) for G in p.G],
+        [h + 0.2 * amount for h in p.h],
+        [L * (1 + 0.3 * amount) for L in p.L],
+    )
+
+
+def _mc_mean_and_se(samples: torch.Tensor) -> tuple[float, float]:
+    return samples.mean().item(), (samples.std() / math.sqrt(samples.numel())).item()
+
+
+def _elbo_samples(elbo_cls, model, guide, x, reps: int) -> torch.Tensor:
+    """`reps` independent single-particle ELBO values of the whole batch x, drawn in one vectorised run.
+
+    The batch is tiled `reps` times along the data plate, so every tile gets its own guide path.
+    """
+    xs = x.repeat(reps, 1)
+    elbo = elbo_cls()
+    model_trace, guide_trace = next(iter(elbo._get_traces(model, guide, (xs,), {})))
+    per = 0.0
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample" and site["is_observed"]:
+            per = per + site["log_prob"]
+    if isinstance(elbo, PathwiseKL_ELBO):
+        for _, value, _, _ in elbo._latent_terms(model_trace, guide_trace):
+            per = per + value
+    else:
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"]:
+                per = per + site["log_prob"] - guide_trace.nodes[name]["log_prob"]
+    return per.reshape(reps, x.shape[0]).sum(-1).detach()
+
+
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_exact_posterior_guide_gives_log_marginal(num_steps):
+    m = LinearGaussianChain(latent_dim=2, obs_dim=3, num_steps=num_steps)
+    x = m.sample(6)
+    exact = m.exact_log_marginal(x).sum().item()
+    guide = functools.partial(m.guide, params=m.exact_guide_params())
+    # Closed form and the Monte Carlo ELBO: log w is constant under the exact posterior.
+    assert m.analytic_elbo(x, m.exact_guide_params()).sum().item() == pytest.approx(exact, abs=1e-9)
+    assert -Trace_ELBO().loss(m.model, guide, x) == pytest.approx(exact, abs=1e-9)
+    assert -IWAE_ELBO(7).loss(m.model, guide, x) == pytest.approx(exact, abs=1e-9)
+    est = importance_log_likelihood(m.model, guide, x, num_samples=50, chunk_size=20, batch_size=4)
+    assert est.log_likelihood.sum().item() == pytest.approx(exact, abs=1e-9)
+    assert torch.allclose(est.ess, torch.full_like(est.ess, 50.0))
+    # Path-wise KL: the value is random (conditional KLs along one path) but its mean is log p(x).
+    samples = _elbo_samples(PathwiseKL_ELBO, m.model, guide, x, reps=4000)
+    mean, se = _mc_mean_and_se(samples)
+    assert abs(mean - exact) < Z * se + 1e-9
+
+
+@pytest.mark.parametrize("elbo_cls", [PathwiseKL_ELBO, Trace_ELBO])
+def test_elbo_matches_closed_form_and_is_below_log_marginal(elbo_cls):
+    m = LinearGaussianChain(latent_dim=2, obs_dim=3, num_steps=3, seed=1)
+    x = m.sample(4, seed=1)
+    params = _perturbed(m.exact_guide_params())
+    exact = m.exact_log_marginal(x).sum().item()
+    analytic = m.analytic_elbo(x, params).sum().item()
+    assert analytic < exact - 0.1  # a wrong guide pays its KL to the posterior
+    samples = _elbo_samples(elbo_cls, m.model, functools.partial(m.guide, params=params), x, reps=20000)
+    mean, se = _mc_mean_and_se(samples)
+    assert abs(mean - analytic) < Z * se
+    assert mean + Z * se < exact
+
+
+def test_iwae_increases_with_k_and_reaches_log_marginal():
+    m = LinearGaussianChain(latent_dim=2, obs_dim=3, num_steps=2, seed=2)
+    x = m.sample(8, seed=2)
+    exact = m.exact_log_marginal(x)
+    guide = functools.partial(m.guide, params=_perturbed(m.exact_guide_params(), amount=0.7))
+    reps = 400
+    means, ses = {}, {}
+    for k in (1, 4, 16, 64, 256):
+        lw, _ = log_importance_weights(m.model, guide, x.repeat(reps, 1), num_samples=k)
+        per_rep = (torch.logsumexp(lw, 0) - math.log(k)).reshape(reps, -1).sum(-1)
+        means[k], ses[k] = _mc_mean_and_se(per_rep)
+    ks = sorted(means)
+    for a, b in zip(ks, ks[1:], strict=False):
+        # L_a <= L_b: the difference must not be significantly negative.
+        assert means[b] - means[a] > -Z * math.hypot(ses[a], ses[b])
+    assert means[ks[-1]] - means[1] > 0.5  # and it does rise, clearly
+    analytic = m.analytic_elbo(x, _perturbed(m.exact_guide_params(), 0.7)).sum().item()
+    assert means[1] == pytest.approx(analytic, abs=Z * ses[1])
+    # K = 5000 reaches log p(x): tolerance 0.05 nats per data point (the residual bias of IWAE-5000
+    # with this guide is far smaller; the tolerance covers one draw's noise, checked by k-hat < 0.5).
+    est = importance_log_likelihood(m.model, guide, x, num_samples=5000, chunk_size=1000)
+    assert torch.all(torch.as_tensor(est.khat) < 0.5)
+    assert torch.allclose(est.log_likelihood, exact, atol=0.05)
+    assert est.log_likelihood.sum().item() <= exact.sum().item() + 0.05
+
+
+def test_iwae_differentiable_loss_gradient_k1_matches_closed_form_elbo_gradient():
+    m = LinearGaussianChain(latent_dim=2, obs_dim=2, num_steps=2, seed=3)
+    x = m.sample(3, seed=3)
+    g_iwae, target = _sequential_grads(IWAE_ELBO(1), m, x, _perturbed(m.exact_guide_params()), 40, 500)
+    mean, se = g_iwae.mean(0), g_iwae.std(0) / math.sqrt(g_iwae.shape[0])
+    assert torch.all((mean - target).abs() < Z * se + 1e-8), (mean, target, se)
+
+
+def _sequential_grads(elbo, m, x, base: GuideParams, groups: int, tiles: int):
+    """Gradients of the single-path loss w.r.t. the guide's leaves, one row per group of `tiles` paths.
+
+    The batch is tiled along the data plate so each tile has its own path; a group's gradient is the
+    mean over its tiles, and the groups are independent, so their spread gives the standard error.
+    """
+    leaves = [t.clone().requires_grad_() for t in base.tensors()]
+    T = m.T
+    params = GuideParams(leaves[:T], leaves[T : 2 * T], leaves[2 * T : 3 * T], leaves[3 * T :])
+    guide = functools.partial(m.guide, params=params)
+    xs = x.repeat(tiles, 1)
+    per_group = []
+    for _ in range(groups):
+        loss = elbo.differentiable_loss(m.model, guide, xs) / tiles
+        grads = torch.autograd.grad(-loss, leaves, allow_unused=True)
+        per_group.append(torch.cat([g.reshape(-1) for g in grads if g is not None]))
+    target = torch.autograd.grad(m.analytic_elbo(x, params).sum(), leaves, allow_unused=True)
+    return torch.stack(per_group), torch.cat([t.reshape(-1) for t in target if t is not None])
+
+
+def test_pathwise_equals_trace_elbo_in_value_and_gradient_on_sequential_prior():
+    """Two steps, p(z_2 | z_1) depends on z_1 and q(z_2 | z_1, x) too: the mean-field shortcut is wrong,
+    the path-wise KL is not. Values and gradients of both estimators agree with the closed form."""
+    m = LinearGaussianChain(latent_dim=1, obs_dim=2, num_steps=2, seed=4)
+    assert m.A.abs().item() > 0.05  # the prior really depends on z_1
+    x = m.sample(2, seed=4)
+    base = _perturbed(m.exact_guide_params())
+    reps = 60  # groups of 100 paths each
+    g_pw, target = _sequential_grads(PathwiseKL_ELBO(), m, x, base, reps, 100)
+    g_tr, _ = _sequential_grads(Trace_ELBO(), m, x, base, reps, 100)
+    for g in (g_pw, g_tr):
+        mean, se = g.mean(0), g.std(0) / math.sqrt(reps)
+        assert torch.all((mean - target).abs() < Z * se + 1e-8), (mean, target, se)
+    # and with each other
+    diff_se = torch.sqrt(g_pw.var(0) / reps + g_tr.var(0) / reps)
+    assert torch.all((g_pw.mean(0) - g_tr.mean(0)).abs() < Z * diff_se + 1e-8)
+
+
+def test_pathwise_vectorized_particles_and_scale():
+    m = LinearGaussianChain(latent_dim=2, obs_dim=3, num_steps=2, seed=5)
+    x = m.sample(3, seed=5)
+    params = _perturbed(m.exact_guide_params())
+    guide = functools.partial(m.guide, params=params)
+    analytic = m.analytic_elbo(x, params).sum().item()
+    elbo = PathwiseKL_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=1)
+    # Tolerance: the single-particle sd here is < 3 nats, so 5 SE of a 20000-particle mean < 0.11.
+    assert -elbo.loss(m.model, guide, x) == pytest.approx(analytic, abs=0.11)
+    pyro.set_rng_seed(7)
+    unscaled = PathwiseKL_ELBO().loss(m.model, guide, x)
+    pyro.set_rng_seed(7)
+    scaled = PathwiseKL_ELBO().loss(poutine.scale(m.model, scale=2.5), poutine.scale(guide, scale=2.5), x)
+    assert scaled == pytest.approx(2.5 * unscaled, rel=1e-12)
+
+
+def _masked_model(x, mask_latent, mask_obs):
+    with pyro.plate("data", x.shape[0]):
+        z1 = pyro.sample("z_1", dist.Normal(torch.zeros(x.shape[0]), 1.0).mask(mask_latent))
+        z2 = pyro.sample("z_2", dist.Normal(0.5 * z1, 0.8))
+        pyro.sample("x", dist.Normal(z2, 0.5).mask(mask_obs), obs=x)
+
+
+def _masked_guide(x, mask_latent, mask_obs):
+    # Does not read x: then the value of a masked observation can reach no term of the bound.
+    with pyro.plate("data", x.shape[0]):
+        z1 = pyro.sample("z_1", dist.Normal(torch.linspace(-0.5, 0.5, x.shape[0]), 0.9))
+        pyro.sample("z_2", dist.Normal(0.6 * z1, 0.6))
+
+
+def test_masks_are_respected():
+    """A masked observation contributes nothing; a masked latent's KL is dropped, as in Trace_ELBO."""
+    x = torch.tensor([0.3, -1.2, 2.0])
+    ml = torch.tensor([True, False, True])
+    mo = torch.tensor([True, True, False])
+    reps = 4000
+    vals = {}
+    for cls in (PathwiseKL_ELBO, Trace_ELBO):
+        samples = torch.tensor([-cls().loss(_masked_model, _masked_guide, x, ml, mo) for _ in range(reps)])
+        vals[cls] = _mc_mean_and_se(samples)
+    (a, sa), (b, sb) = vals[PathwiseKL_ELBO], vals[Trace_ELBO]
+    assert abs(a - b) < Z * math.hypot(sa, sb)
+    # Flipping the masked observation's value changes nothing.
+    x2 = x.clone()
+    x2[2] = 100.0
+    pyro.set_rng_seed(3)
+    l1 = PathwiseKL_ELBO().loss(_masked_model, _masked_guide, x, ml, mo)
+    pyro.set_rng_seed(3)
+    l2 = PathwiseKL_ELBO().loss(_masked_model, _masked_guide, x2, ml, mo)
+    assert l1 == pytest.approx(l2, abs=1e-12)
+
+
+def _discrete_model(x, *_):
+    with pyro.plate("data", x.shape[0]):
+        b = pyro.sample("z_1", dist.Bernoulli(torch.full(x.shape, 0.3)))
+        pyro.sample("x", dist.Normal(2.0 * b - 1.0, 1.0), obs=x)
+
+
+def _discrete_guide(x, logit):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z_1", dist.Bernoulli(logits=logit * x))
+
+
+def test_score_function_gradient_for_discrete_site():
+    """Non-reparameterised site: the path-wise estimator's score-function gradient is unbiased."""
+    x = torch.tensor([0.7, -0.4])
+
+    def exact_elbo(logit):
+        q = torch.sigmoid(logit * x)
+        total = 0.0
+        for b in (0.0, 1.0):
+            qb = q if b else 1 - q
+            lp = dist.Bernoulli(0.3).log_prob(torch.tensor(b)) + dist.Normal(2 * b - 1, 1.0).log_prob(x)
+            total = total + qb * (lp - torch.log(qb))
+        return total.sum()
+
+    logit = torch.tensor(0.8, requires_grad=True)
+    target = torch.autograd.grad(exact_elbo(logit), logit)[0].item()
+    # 60 groups of 100 tiled copies of x (each copy its own path); SE from the group means.
+    groups, tiles = 60, 100
+    xs = x.repeat(tiles)
+    grads, vals = [], []
+    for _ in range(groups):
+        loss = PathwiseKL_ELBO().differentiable_loss(_discrete_model, _discrete_guide, xs, logit) / tiles
+        grads.append(torch.autograd.grad(-loss, logit)[0].item())
+        vals.append(-loss.item())
+    mean, se = _mc_mean_and_se(torch.tensor(grads))
+    assert abs(mean - target) < Z * se
+    # The value uses the analytic Bernoulli KL: its mean is the exact ELBO.
+    vm, vs = _mc_mean_and_se(torch.tensor(vals))
+    assert abs(vm - exact_elbo(logit).item()) < Z * vs
+
+
+def test_bound_ladder_and_diagnostics():
+    m = LinearGaussianChain(latent_dim=2, obs_dim=3, num_steps=2, seed=6)
+    x = m.sample(10, seed=6)
+    guide = functools.partial(m.guide, params=_perturbed(m.exact_guide_params(), 0.5))
+    ladder = bound_ladder(m.model, guide, x, ks=(1, 10, 100, 1000), batch_size=5, chunk_size=300)
+    # Within-run ladder: 0.05 nats per data point of noise allowed between neighbouring rungs.
+    assert check_ladder(ladder, tol=0.05) == []
+    assert ladder["iwae"][1000] <= m.exact_log_marginal(x).mean().item() + 0.05
+    assert ladder["khat"].shape == (10,) and ladder["ess"].shape == (10,)
+    assert ladder["elbo"] < ladder["iwae"][1000]
+
+
+def test_psis_khat_and_ess_detect_bad_weights():
+    g = torch.Generator().manual_seed(0)
+    good = 0.1 * torch.randn(2000, 3, generator=g, dtype=torch.float64)
+    heavy = torch.log(torch.distributions.Pareto(1.0, 0.8).sample((2000, 3)))  # infinite-mean weights
+    assert (psis_khat(good) < 0.5).all()
+    assert (psis_khat(heavy) > 0.7).all()
+    ess_good, ess_heavy = effective_sample_size(good), effective_sample_size(heavy)
+    assert (ess_good > 1900).all() and (ess_heavy < 500).all()
+    assert torch.allclose(effective_sample_size(torch.zeros(50, 2)), torch.full((2,), 50.0))
+
+
+def test_iwae_rejects_bad_settings():
+    with pytest.raises(ValueError, match="positive int"):
+        IWAE_ELBO(0)
+
+    def model(x):
+        z = pyro.sample("z_1", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("z_1", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="inside pyro.plate"):
+        IWAE_ELBO(3).loss(model, guide, torch.zeros(4))
