@@ -10,7 +10,7 @@ the grey levels for every minibatch); validation and test images are binarised o
 the test NLL is -log p̂(x) from K importance samples of the guide, averaged over the test set, with PSIS
 k-hat and the ESS of the weights per image; the bound is the mean of 10 single-sample path-wise KL
 ELBOs per image. Outputs in ``--out``: results.json, results.md, samples.png, curves.png, metrics.jsonl,
-checkpoint.pt.
+checkpoint.pt (last epoch, for --resume) and best.pt (best validation epoch, the one evaluated).
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(parser, EXPERIMENT, DEFAULT_OUT)
     parser.add_argument("--z-dim", dest="z_dim", type=int, default=None, help="latent dimension")
     parser.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden layer sizes of the MLPs")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate at the start")
+    parser.add_argument("--lr-final", dest="lr_final", type=float, default=None,
+                        help="learning rate reached at the last step (per-step exponential decay)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="minibatch size")
     parser.add_argument("--eval-samples", dest="eval_samples", type=int, default=None,
                         help="K, importance samples per test image for the log-likelihood estimate")
@@ -87,18 +89,24 @@ def run(config: dict[str, Any], out, device: str, resume: bool, progress: bool,
     def evaluate(epoch: int) -> dict[str, float]:
         return {"valid_elbo": elbo_per_image(vae, valid)}
 
+    # Per-step learning-rate decay from lr to lr_final over the whole run (ClippedAdam's lrd).
+    steps = config["epochs"] * -(-data.train.shape[0] // config["batch_size"])
+    lrd = (config.get("lr_final", config["lr"]) / config["lr"]) ** (1.0 / max(steps, 1))
     trainer = Trainer(
         vae.model, vae.guide, vae, PathwiseKL_ELBO(),
-        pyro.optim.ClippedAdam({"lr": config["lr"], "clip_norm": config.get("clip_norm", 10.0)}),
+        pyro.optim.ClippedAdam({"lr": config["lr"], "lrd": lrd, "clip_norm": config.get("clip_norm", 10.0)}),
         train_data=data.train, batch_size=config["batch_size"], epochs=config["epochs"],
         seed=config["seed"], device=device, out_dir=out,
         transform=lambda x, g: dynamic_binarize(x, g),
         evaluate=evaluate, progress=progress,
+        # Model selection on the validation split: the best validation ELBO's weights are evaluated.
+        keep_best="valid_elbo",
     )
     t0 = time.time()
     metrics = trainer.fit(resume=resume)
     train_seconds = time.time() - t0
 
+    best = trainer.load_best()
     vae.eval()
     K = config["eval_samples"]
     t0 = time.time()
@@ -139,6 +147,10 @@ def run(config: dict[str, Any], out, device: str, resume: bool, progress: bool,
         },
         "train": {
             "epochs": len(metrics),
+            "evaluated_epoch": best["epoch"],
+            "evaluated_epoch_valid_elbo": best["value"],
+            "selection": "weights of the epoch with the best validation ELBO "
+            "(validation split, fixed binarisation)",
             "final_train_loss": metrics[-1]["train_loss"] if metrics else None,
             "final_valid_elbo": metrics[-1].get("valid_elbo") if metrics else None,
             "seconds_this_process": train_seconds,
@@ -172,15 +184,18 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"({p['num_test_images']} images).",
         f"Binarisation: {p['binarization']['description']}",
         f"Model: MLP VAE, z = {c['z_dim']}, hidden {c['hidden']}, Bernoulli decoder; trained "
-        f"{r['train']['epochs']} epochs with PathwiseKL_ELBO (analytic KL), Adam lr {c['lr']}, "
-        f"batch {c['batch_size']}.",
+        f"{r['train']['epochs']} epochs with PathwiseKL_ELBO (analytic KL), Adam lr {c['lr']} decayed to "
+        f"{c.get('lr_final', c['lr'])}, batch {c['batch_size']}; evaluated with the weights of epoch "
+        f"{r['train']['evaluated_epoch']}, the best validation ELBO "
+        f"({r['train']['evaluated_epoch_valid_elbo']:.2f} nats per image).",
         "",
         markdown_table(
             ["quantity (nats per test image, lower is better)", "value", "kind", "samples behind it"],
             [
                 ["test NLL, importance-sampled", f"{t['nll_iwae']:.2f} ± {t['nll_iwae_stderr']:.2f}",
-                 "estimate (stochastic lower bound on log p, in expectation)", f"K={K} per image"],
-                ["test -ELBO (path-wise KL)", f"{t['nll_bound']:.2f}", "bound", "10 draws per image"],
+                 "estimate of -log p(x) (an upper bound on it in expectation)", f"K={K} per image"],
+                ["test -ELBO (path-wise KL)", f"{t['nll_bound']:.2f}", "bound (upper bound on -log p(x))",
+                 "10 draws per image"],
             ],
         ),
         "",

@@ -27,42 +27,42 @@ import torch
 from inference.iwae import iter_log_weights, log_mean_exp
 
 
+def _khat_arviz0(log_w: np.ndarray) -> np.ndarray:
+    """ArviZ 0.x: ``arviz.psislw`` takes log importance ratios with samples on the last axis."""
+    import arviz
+
+    _, k = arviz.psislw(np.ascontiguousarray(log_w.T))
+    return np.asarray(k, dtype=float)
+
+
+def _khat_arviz_stats(log_w: np.ndarray) -> np.ndarray:
+    """ArviZ >= 1.0 (arviz-stats): samples on ``axis``. arviz-stats 0.8 expects the log-likelihood
+    convention (it negates), which may change again, so the sign is fixed once by calibration."""
+    from arviz_stats.base import array_stats
+
+    _, k = array_stats.psislw(np.ascontiguousarray(log_w.T) * _arviz_stats_sign(), r_eff=1.0, axis=-1)
+    return np.asarray(k, dtype=float)
+
+
 @lru_cache(maxsize=1)
-def _psislw_impl():
-    """Return a function (K, N)->(N,) smoothed-k-hat that works with the installed ArviZ."""
+def _arviz_stats_sign() -> float:
+    from arviz_stats.base import array_stats
+
+    rng = np.random.default_rng(0)
+    heavy = np.log(rng.pareto(1.2, size=4000) + 1.0)  # log weights with a heavy right tail (k ~ 0.8)
+    _, k = array_stats.psislw(heavy, r_eff=1.0, axis=-1)
+    return 1.0 if float(k) > 0.5 else -1.0
+
+
+@lru_cache(maxsize=1)
+def _khat_backend():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import arviz
 
-    major = int(arviz.__version__.split(".")[0])
-    if major < 1 and hasattr(arviz, "psislw"):
-
-        def khat(log_w: np.ndarray) -> np.ndarray:
-            # ArviZ 0.x: samples on the last axis, input is log importance ratios.
-            _, k = arviz.psislw(np.ascontiguousarray(log_w.T))
-            return np.asarray(k, dtype=float)
-
-        return khat
-
-    from arviz_stats.base import array_stats  # ArviZ >= 1.0
-
-    def khat1(log_w: np.ndarray) -> np.ndarray:
-        # arviz-stats takes samples on `axis`; whether it expects log ratios or their negative has
-        # changed between releases, so fix the sign once with a heavy right tail (k > 0.5 expected).
-        _, k = array_stats.psislw(np.ascontiguousarray(log_w.T) * _sign1(), r_eff=1.0, axis=-1)
-        return np.asarray(k, dtype=float)
-
-    return khat1
-
-
-@lru_cache(maxsize=1)
-def _sign1() -> float:
-    from arviz_stats.base import array_stats
-
-    rng = np.random.default_rng(0)
-    heavy = np.log(rng.pareto(1.2, size=4000) + 1.0)  # log weights with a right tail of shape ~0.8
-    _, k = array_stats.psislw(heavy, r_eff=1.0, axis=-1)
-    return 1.0 if float(k) > 0.5 else -1.0
+    if int(arviz.__version__.split(".")[0]) < 1 and hasattr(arviz, "psislw"):
+        return _khat_arviz0
+    return _khat_arviz_stats
 
 
 def psis_khat(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -76,7 +76,7 @@ def psis_khat(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         # ArviZ warns once per call about k > 0.7; the caller reports those fractions itself.
         warnings.simplefilter("ignore")
-        return _psislw_impl()(lw)
+        return _khat_backend()(lw)
 
 
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
@@ -181,3 +181,33 @@ def per_step_curves(
     terms = PathwiseKL_ELBO(num_particles=num_particles).per_site(model, guide, *tensors)
     n = tensors[0].shape[0]
     return {name: float(v) / n for name, v in terms.items()}
+
+
+def latent_samples_to_arviz(
+    guide, *args, num_samples: int = 100, sites: Sequence[str] | None = None, **kwargs
+):
+    """Samples of the guide's latent sites as ArviZ data (group ``posterior``, one chain).
+
+    Each site becomes a variable with dims (chain, draw, *site shape); ``sites`` picks a subset (default:
+    every non-observed sample site). Useful with ``arviz.summary`` / ``arviz.plot_*`` on q(z | x).
+    """
+    import pyro.poutine as poutine
+    from pyro.poutine.util import prune_subsample_sites
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    draws: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad(), poutine.block():
+        for _ in range(num_samples):
+            trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
+            for name, site in trace.nodes.items():
+                wanted = sites is None or name in sites
+                if site["type"] != "sample" or site["is_observed"] or not wanted:
+                    continue
+                draws.setdefault(name, []).append(site["value"].detach().cpu().numpy())
+    if sites is not None and set(sites) - set(draws):
+        missing = sorted(set(sites) - set(draws))
+        raise ValueError(f"guide has no latent sites {missing}; it has {sorted(draws)}")
+    return arviz.from_dict(posterior={name: np.stack(v)[None] for name, v in draws.items()})

@@ -87,6 +87,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 __all__ = [
+    "BEST_NAME",
     "CHECKPOINT_NAME",
     "METRICS_NAME",
     "Batch",
@@ -100,6 +101,7 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
 METRICS_NAME = "metrics.jsonl"
 _FORMAT_VERSION = 1
 _RESERVED_METRICS = ("epoch", "step", "train_loss", "seconds")
@@ -246,6 +248,10 @@ class Trainer:
     :param progress: show a tqdm progress bar.
     :param clip_norm: if set, clip the global gradient norm of the step's parameters to this value.
     :param checkpoint_every_steps: also checkpoint every this many global steps (inside epochs).
+    :param keep_best: name of a metric returned by ``evaluate`` to *maximise* (e.g. a validation ELBO):
+        the module weights of the best epoch so far are written atomically to ``out_dir/best.pt``
+        (``{"module", "epoch", "metric", "value"}``); :meth:`load_best` puts them back in ``module``.
+        Model selection on validation data guards against late divergence.
     """
 
     def __init__(
@@ -267,6 +273,7 @@ class Trainer:
         progress: bool = True,
         clip_norm: float | None = None,
         checkpoint_every_steps: int | None = None,
+        keep_best: str | None = None,
     ):
         if not callable(model) or not callable(guide):
             raise TypeError("model and guide must be callables")
@@ -307,6 +314,11 @@ class Trainer:
         except OSError as e:
             raise ValueError(f"cannot create out_dir {self.out_dir}: {e}") from e
         self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        self.best_path = self.out_dir / BEST_NAME
+        if keep_best is not None and evaluate is None:
+            raise ValueError(f"keep_best={keep_best!r} needs an evaluate(epoch) callback that returns it")
+        self.keep_best = keep_best
+        self._best_value = -math.inf
         self.metrics_path = self.out_dir / METRICS_NAME
 
         self.module.to(self.device)
@@ -390,8 +402,11 @@ class Trainer:
             self._restore(load_checkpoint(self.checkpoint_path))
             text = "".join(_json_line(m) for m in self.metrics)
             atomic_write(self.metrics_path, lambda f: f.write(text), binary=False)
+            if self.keep_best is not None and self.best_path.is_file():
+                self._best_value = load_checkpoint(self.best_path)["value"]
         else:
             atomic_write(self.metrics_path, lambda f: None, binary=False)
+            self.best_path.unlink(missing_ok=True)  # a stale best.pt of an earlier run must not compete
         self.module.train()
         for extra in self.extras:
             extra.module.train()
@@ -451,6 +466,7 @@ class Trainer:
                 metrics.update({key: s / n for key, (s, n) in state["sums"].items()})
                 if self.evaluate is not None:
                     metrics.update(self._run_evaluate(epoch, metrics))
+                    self._update_best(epoch, metrics)
                 metrics["seconds"] = time.perf_counter() - start
                 self.metrics.append(metrics)
                 self.epoch = epoch
@@ -541,6 +557,25 @@ class Trainer:
         for extra in self.extras:
             extra.module.train()
         return {key: _scalar(value) for key, value in result.items()}
+
+    def _update_best(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        if self.keep_best is None:
+            return
+        if self.keep_best not in metrics:
+            raise KeyError(f"keep_best={self.keep_best!r} is not among the metrics {sorted(metrics)}")
+        value = float(metrics[self.keep_best])
+        if math.isfinite(value) and value > self._best_value:
+            self._best_value = value
+            state = {"module": self.module.state_dict(), "epoch": epoch, "metric": self.keep_best}
+            save_checkpoint({**state, "value": value}, self.best_path)
+
+    def load_best(self) -> dict[str, Any]:
+        """Load the best epoch's weights (``keep_best``) into ``module``; returns epoch, metric and value."""
+        if not self.best_path.is_file():
+            raise FileNotFoundError(f"no best-epoch weights at {self.best_path} (was keep_best set?)")
+        best = load_checkpoint(self.best_path)
+        self.module.load_state_dict(best["module"])
+        return {k: best[k] for k in ("epoch", "metric", "value")}
 
     # ------------------------------------------------------------------ checkpoints
 

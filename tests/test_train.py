@@ -589,3 +589,34 @@ def test_reused_pyro_optim_starts_fresh(tmp_path):
     first = run(tmp_path / "a")
     vae.load_state_dict(init)
     assert run(tmp_path / "b") == first
+
+
+def test_keep_best_saves_the_best_epoch_and_survives_resume(tmp_path):
+    """keep_best writes the weights of the epoch with the highest metric; resume keeps comparing to it."""
+    scores = iter([1.0, 3.0, 2.0, 2.5])
+    seen = {}
+
+    def build_best(epochs):
+        return build(tmp_path, "adam", epochs=epochs, evaluate=lambda epoch: {"score": next(scores)},
+                     keep_best="score")
+
+    t = build_best(2)
+    t.fit()
+    seen[2] = {k: v.clone() for k, v in t.module.state_dict().items()}
+    t = build_best(4)
+    t.fit(resume=True)
+    best = t.load_best()
+    assert best == {"epoch": 2, "metric": "score", "value": 3.0}
+    assert all(torch.equal(v, seen[2][k]) for k, v in t.module.state_dict().items())
+    # A fresh run in the same directory does not inherit the old best.pt.
+    scores = iter([0.5])
+    t = build_best(1)
+    t.fit()
+    assert t.load_best()["value"] == 0.5
+
+
+def test_keep_best_needs_evaluate(tmp_path):
+    with pytest.raises(ValueError, match="keep_best"):
+        Trainer(lambda x: None, lambda x: None, torch.nn.Linear(1, 1), pyro.infer.Trace_ELBO(),
+                pyro.optim.Adam({"lr": 1e-3}), torch.zeros(4, 1), batch_size=2, epochs=1, seed=0,
+                device="cpu", out_dir=tmp_path, keep_best="valid_elbo")

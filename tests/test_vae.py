@@ -111,7 +111,7 @@ def test_cli_quick_preset_runs_end_to_end(tmp_path, capsys):
     assert results["test"]["importance_sampling"]["num_samples"] == 20
     # An importance-sampled estimate is (in expectation) tighter than the bound it starts from.
     assert results["test"]["nll_iwae"] < results["test"]["nll_bound"] + 1.0
-    for name in ("results.md", "samples.png", "curves.png", "metrics.jsonl", "checkpoint.pt"):
+    for name in ("results.md", "samples.png", "curves.png", "metrics.jsonl", "checkpoint.pt", "best.pt"):
         assert (out / name).exists(), name
     assert len((out / "metrics.jsonl").read_text().strip().splitlines()) == 2
     assert "K=20" in (out / "results.md").read_text()
