@@ -341,3 +341,20 @@ def test_khat_backends_agree_where_both_are_installed():
     for lw in (heavy, light):
         # Both fit the same generalised Pareto tail; their fitting details differ slightly.
         assert np.allclose(_khat_arviz0(lw), _khat_arviz_stats(lw), atol=0.05)
+
+
+def test_per_step_curves_add_up_to_the_bound():
+    from inference.diagnostics import per_step_curves
+
+    m = LinearGaussianChain(latent_dim=2, obs_dim=3, num_steps=3, seed=2)
+    x = m.sample(5, seed=2)
+    guide = functools.partial(m.guide, params=_perturbed(m.exact_guide_params()))
+    pyro.set_rng_seed(11)
+    curves = per_step_curves(m.model, guide, x)
+    pyro.set_rng_seed(11)
+    loss = PathwiseKL_ELBO().loss(m.model, guide, x)
+    assert set(curves) == {"kl/z_1", "kl/z_2", "kl/z_3", "cost/x"}
+    assert sum(curves.values()) * x.shape[0] == pytest.approx(loss, rel=1e-10)
+    # z_1's KL does not depend on a sampled history: it is exact, the same on every call.
+    assert per_step_curves(m.model, guide, x)["kl/z_1"] == pytest.approx(curves["kl/z_1"], rel=1e-12)
+    assert all(v > 0 for k, v in curves.items() if k.startswith("kl/"))
