@@ -191,23 +191,27 @@ def latent_samples_to_arviz(
     Each site becomes a variable with dims (chain, draw, *site shape); ``sites`` picks a subset (default:
     every non-observed sample site). Useful with ``arviz.summary`` / ``arviz.plot_*`` on q(z | x).
     """
+    import pyro
     import pyro.poutine as poutine
     from pyro.poutine.util import prune_subsample_sites
+
+    from inference.iwae import PARTICLE_PLATE, max_plate_nesting
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import arviz
 
-    draws: dict[str, list[np.ndarray]] = {}
+    # All draws in one vectorised run: the same outermost particle plate as the importance weights.
+    nesting = max_plate_nesting(guide, lambda *a, **k: None, *args, **kwargs)
+    particles = pyro.plate(PARTICLE_PLATE, num_samples, dim=-(nesting + 1))
     with torch.no_grad(), poutine.block():
-        for _ in range(num_samples):
-            trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
-            for name, site in trace.nodes.items():
-                wanted = sites is None or name in sites
-                if site["type"] != "sample" or site["is_observed"] or not wanted:
-                    continue
-                draws.setdefault(name, []).append(site["value"].detach().cpu().numpy())
-    if sites is not None and set(sites) - set(draws):
-        missing = sorted(set(sites) - set(draws))
+        trace = prune_subsample_sites(poutine.trace(particles(guide)).get_trace(*args, **kwargs))
+    draws = {
+        name: site["value"].detach().cpu().numpy()[None]
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and (sites is None or name in sites)
+    }
+    missing = sorted(set(sites or ()) - set(draws))
+    if missing:
         raise ValueError(f"guide has no latent sites {missing}; it has {sorted(draws)}")
-    return arviz.from_dict(posterior={name: np.stack(v)[None] for name, v in draws.items()})
+    return arviz.from_dict(posterior=draws)
