@@ -101,6 +101,7 @@ class ImputationResult:
     nll: torch.Tensor  # (runs, steps, B): -log p(x_u | imputation), summed over each image's missing pixels
     imputations: torch.Tensor  # (steps, B, D) of the first run: the clamped images after each step
     num_missing: torch.Tensor  # (B,) missing pixels per image
+    final_mean: torch.Tensor  # (B, D): the last step's clamped imputation averaged over runs
 
     @property
     def final_nll(self) -> torch.Tensor:
@@ -148,6 +149,7 @@ def vae_impute(
     start = mask * x + missing * torch.as_tensor(fill, dtype=x.dtype, device=x.device)
     nll = x.new_zeros(num_runs, num_steps, x.shape[0])
     first_run = []
+    final_sum = torch.zeros_like(x)
     for r in range(num_runs):
         cur = start
         for s in range(num_steps):
@@ -158,4 +160,5 @@ def vae_impute(
             cur = mask * x + missing * probs
             if r == 0:
                 first_run.append(cur)
-    return ImputationResult(nll, torch.stack(first_run), missing.sum(-1))
+        final_sum += cur
+    return ImputationResult(nll, torch.stack(first_run), missing.sum(-1), final_sum / num_runs)

@@ -1,0 +1,108 @@
+"""Building blocks shared by the sequential policies: step distributions, LSTM cores, the infinite-mixture
+initial state, and the canvas (imputation constructor) update.
+
+Bachman & Precup (2015), "Data generation as sequential decision making": Sec. 2.4-2.5 (the DRAW-style
+generators, Eqs. 10-13), Sec. 3.1-3.2 (the imputation policies), Sec. 9.1 (sizes). Every sequential
+model in ``ppl_models`` (GPSI, the LSTM imputers, the DRAW-style generators) builds its primary policy p
+and guide policy q from these pieces, so the step code exists once.
+
+Symbols to code:
+
+- a step distribution p_t(z_t | ·) or q_t(z_t | ·), a diagonal Gaussian whose means and log-variances are
+  an affine function of a state (paper: L_θ(v_t)) -> :func:`diag_normal` applied to the output of a
+  :class:`torch.nn.Linear` or an MLP with ``2 * z_dim`` outputs;
+- an LSTM state s_t = [h_t; v_t] and its update f_θ -> :func:`lstm_cell` (``torch.nn.LSTMCell``; the state is
+  the pair (h, cell));
+- the infinite-mixture initialisation s_0 = f_θ(z_0) -> :class:`InitialStates`;
+- the canvas c_t and the imputation constructor ω -> :func:`update_canvas` (``"add"``: c_t = c_{t-1} +
+  ω(·); ``"jump"``: c_t = ω(·)).
+
+Deviations from the paper's Theano code, all deliberate: ``torch.nn.LSTMCell`` has no peephole
+connections; no Gaussian noise is added to LSTM states. The forget-gate bias starts at +2 as in that
+code, so early in training the LSTMs keep their state.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+UPDATES = ("add", "jump")
+
+#: smallest standard deviation of a step distribution; keeps the log-density finite early in training
+MIN_SCALE = 1e-4
+
+
+def check_update(update: str) -> str:
+    """The canvas update name, validated: ``"add"`` or ``"jump"``."""
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES} (c_t = c_(t-1) + ω or c_t = ω), got {update!r}")
+    return update
+
+
+def diag_normal(params: torch.Tensor) -> dist.TorchDistribution:
+    """A diagonal Gaussian step distribution from ``2 * z_dim`` affine outputs (means, pre-scales).
+
+    The scale is softplus(pre) + ``MIN_SCALE`` rather than exp(log-variance): the same family, with a
+    gradient that cannot explode when the network output drifts.
+    """
+    loc, pre_scale = params.chunk(2, dim=-1)
+    return dist.Normal(loc, F.softplus(pre_scale) + MIN_SCALE).to_event(1)
+
+
+def cat_inputs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate network inputs along the last dimension after broadcasting their batch dimensions.
+
+    Under a vectorised particle plate (IWAE, importance sampling) the states carry a leading particle
+    dimension while the data and the mask do not; broadcasting lets one code path serve both.
+    """
+    shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    return torch.cat([t.expand(*shape, t.shape[-1]) for t in tensors], -1)
+
+
+def lstm_cell(input_dim: int, hidden_dim: int, forget_bias: float = 2.0) -> nn.LSTMCell:
+    """An LSTM cell whose forget-gate bias starts at ``forget_bias`` (the paper's code used +2)."""
+    cell = nn.LSTMCell(input_dim, hidden_dim)
+    with torch.no_grad():
+        # torch orders the gates (input, forget, cell, output); both bias vectors are added.
+        cell.bias_ih[hidden_dim : 2 * hidden_dim].fill_(forget_bias / 2)
+        cell.bias_hh[hidden_dim : 2 * hidden_dim].fill_(forget_bias / 2)
+    return cell
+
+
+def lstm_step(
+    cell: nn.LSTMCell, inputs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """s_t = f(s_{t-1}, input) for any leading batch dimensions (``nn.LSTMCell`` takes only one): the
+    particle dimension of vectorised importance sampling is folded into the batch and unfolded after."""
+    h, c = state
+    shape = torch.broadcast_shapes(inputs.shape[:-1], h.shape[:-1])
+    flat = (-1, cell.hidden_size)
+    h, c = cell(
+        inputs.expand(*shape, inputs.shape[-1]).reshape(-1, inputs.shape[-1]),
+        (h.expand(*shape, h.shape[-1]).reshape(flat), c.expand(*shape, c.shape[-1]).reshape(flat)),
+    )
+    return h.reshape(*shape, -1), c.reshape(*shape, -1)
+
+
+class InitialStates(nn.Module):
+    """The infinite-mixture initial step s_0 = f_θ(z_0) (paper Sec. 2.5, 3.2, 9.1): one tanh hidden layer
+    maps z_0 to the initial (h, cell) pair of each of ``num_lstms`` LSTMs."""
+
+    def __init__(self, z0_dim: int, hidden: int, lstm_dim: int, num_lstms: int) -> None:
+        super().__init__()
+        self.lstm_dim, self.num_lstms = lstm_dim, num_lstms
+        self.net = nn.Sequential(
+            nn.Linear(z0_dim, hidden), nn.Tanh(), nn.Linear(hidden, 2 * lstm_dim * num_lstms)
+        )
+
+    def forward(self, z0: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        chunks = self.net(z0).chunk(2 * self.num_lstms, dim=-1)
+        return [(chunks[2 * i], chunks[2 * i + 1]) for i in range(self.num_lstms)]
+
+
+def update_canvas(canvas: torch.Tensor, write: torch.Tensor, update: str) -> torch.Tensor:
+    """c_t = c_{t-1} + ω(·) for ``"add"``, c_t = ω(·) for ``"jump"``; ``write`` is ω's output."""
+    return canvas + write if update == "add" else write
