@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.distributions import kl_divergence
 
 from experiments.common import load_presets, markdown_table, write_json
-from experiments.data import DataError, dynamic_binarize, load_dataset
+from experiments.data import IMAGE_SHAPES, DataError, dynamic_binarize, load_dataset
 from experiments.imputation import build_policy
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.gpsi import GPSI
@@ -67,7 +67,7 @@ EXPERIMENT = "imputation"  # the presets are the imputation experiment's
 DEFAULT_OUT = "runs/benchmark-gpsi"
 LR = 1e-4
 PROTOCOL = "ratio measured in one run, interleaved, same batch, same module"
-RANDOM_SHAPE = (28, 28)  # Fashion-MNIST-shaped random data for --data random
+RANDOM_SHAPE = IMAGE_SHAPES["fashion-mnist"]  # Fashion-MNIST-shaped random data for --data random
 
 # name -> (kind, description); the order is the table's
 VARIANTS = {
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = {**load_presets(EXPERIMENT)[args.preset], "preset": args.preset}
     mask_spec = args.mask or config["table"]["rollout_mask"]
-    shape = RANDOM_SHAPE if args.data == "random" or config["dataset"] == "fashion-mnist" else (8, 8)
+    shape = RANDOM_SHAPE if args.data == "random" else IMAGE_SHAPES[config["dataset"]]
     try:
         make_mask_process(mask_spec, shape)
     except ValueError as e:

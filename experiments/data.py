@@ -71,6 +71,8 @@ FASHION_MNIST_FILES = {
 FIXED_BINARIZATION_SEED = 0
 DIGITS_SPLIT_SEED = 0
 DATASET_NAMES = ("fashion-mnist", "digits")
+#: (H, W) of each data set, known before loading it (e.g. to check a mask setting on the command line)
+IMAGE_SHAPES = {"fashion-mnist": (28, 28), "digits": (8, 8)}
 
 BINARIZATION_PROTOCOL = (
     "dynamic Bernoulli binarisation of grey levels for training (a fresh draw every time a batch is "
@@ -320,7 +322,7 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
         train_labels=train_y[:50000],
         valid_labels=train_y[50000:],
         test_labels=torch.from_numpy(arrays["test_labels"].astype(np.int64)),
-        image_shape=(28, 28),
+        image_shape=IMAGE_SHAPES["fashion-mnist"],
         source=str(directory.resolve()),
         split_protocol=_FASHION_SPLIT,
         scaling="pixel / 255, images flattened row-major to 784-vectors",
@@ -355,7 +357,7 @@ def load_digits() -> Dataset:
         train_labels=y["train"],
         valid_labels=y["valid"],
         test_labels=y["test"],
-        image_shape=(8, 8),
+        image_shape=IMAGE_SHAPES["digits"],
         source="scikit-learn load_digits",
         split_protocol=_DIGITS_SPLIT,
         scaling="pixel / 16, images flattened row-major to 64-vectors",

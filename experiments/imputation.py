@@ -52,7 +52,14 @@ from experiments.common import (
     save_image_grid,
     write_json,
 )
-from experiments.data import Dataset, binarization_protocol, dynamic_binarize, fixed_binarize, load_dataset
+from experiments.data import (
+    IMAGE_SHAPES,
+    Dataset,
+    binarization_protocol,
+    dynamic_binarize,
+    fixed_binarize,
+    load_dataset,
+)
 from inference.importance import importance_log_likelihood
 from inference.iwae import IWAE_ELBO
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
@@ -153,13 +160,25 @@ def build_policy(
                        init_mean)
 
 
-def make_trainer(module, model, guide, loss, config: dict[str, Any], data: Dataset, process: MaskProcess,
-                 out: Path, device: str, progress: bool, evaluate) -> Trainer:
+def train_best(module, loss, batch_nll, config: dict[str, Any], data: Dataset, process: MaskProcess,
+               valid: tuple[torch.Tensor, torch.Tensor], out: Path, device: str, resume: bool,
+               progress: bool) -> dict[str, Any]:
+    """Train ``module``'s model/guide on ``loss`` with a fresh mask per minibatch, score the validation pairs
+    after every epoch with ``batch_nll(x, mask)`` (a batch's summed NLL bound), and load the weights of the
+    best epoch. Returns the epochs run, the evaluated epoch, its validation NLL bound per image and the
+    number of updates."""
     t = config["train"]
+    x_valid, m_valid = valid
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        with torch.no_grad():
+            total = sum(batched(batch_nll, x_valid, m_valid, batch_size=config["eval"]["batch_size"]))
+        return {"valid_bound": -float(total) / x_valid.shape[0]}  # maximised: minus the NLL bound
+
     steps = t["epochs"] * -(-data.train.shape[0] // t["batch_size"])
     lrd = (t["lr_final"] / t["lr"]) ** (1.0 / max(steps, 1))
-    return Trainer(
-        model, guide, module, loss,
+    trainer = Trainer(
+        module.model, module.guide, module, loss,
         # Element-wise clamping off (ClippedAdam's clip_norm is a per-element clamp); the global norm of the
         # batch-summed loss's gradient is clipped by the Trainer instead.
         pyro.optim.ClippedAdam({"lr": t["lr"], "lrd": lrd, "betas": tuple(t.get("betas", (0.9, 0.98))),
@@ -168,6 +187,11 @@ def make_trainer(module, model, guide, loss, config: dict[str, Any], data: Datas
         device=device, out_dir=out, transform=mask_transform(process), evaluate=evaluate, progress=progress,
         clip_norm=t["clip_norm"], keep_best="valid_bound",
     )
+    metrics = trainer.fit(resume=resume)
+    best = trainer.load_best()
+    module.eval()
+    return {"epochs": len(metrics), "evaluated_epoch": best["epoch"], "valid_nll": -best["value"],
+            "updates": trainer.step}
 
 
 def evaluate_policy(policy: ImputationPolicy, x: torch.Tensor, mask: torch.Tensor, grey: torch.Tensor,
@@ -242,21 +266,11 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
     if method in POLICIES:
         policy = build_policy(method, config, x_dim, data.train.mean(0)).to(device)
         elbo = PathwiseKL_ELBO()
-
-        def evaluate(epoch: int) -> dict[str, float]:
-            with torch.no_grad():
-                b = batched(lambda a, m: -elbo.per_datum(policy.model, policy.guide, a, m).sum(),
-                            x_valid, m_valid, batch_size=ev["batch_size"])
-            return {"valid_bound": -float(sum(b)) / x_valid.shape[0]}  # maximised: minus the NLL bound
-
-        trainer = make_trainer(policy, policy.model, policy.guide, elbo, config, data, process, out, device,
-                               progress, evaluate)
-        metrics = trainer.fit(resume=resume)
-        best = trainer.load_best()
-        policy.eval()
-        result["train"] = {"epochs": len(metrics), "evaluated_epoch": best["epoch"],
-                           "valid_bound_nll": -best["value"], "selection": "best validation bound",
-                           "updates": trainer.step}
+        fit = train_best(policy, elbo, lambda a, m: -elbo.per_datum(policy.model, policy.guide, a, m).sum(),
+                         config, data, process, (x_valid, m_valid), out, device, resume, progress)
+        result["train"] = {"epochs": fit["epochs"], "evaluated_epoch": fit["evaluated_epoch"],
+                           "valid_bound_nll": fit["valid_nll"], "selection": "best validation bound",
+                           "updates": fit["updates"]}
         result["train_seconds"] = time.time() - t0
         t0 = time.time()
         result.update(evaluate_policy(policy, x_test, m_test, grey, ev, progress))
@@ -294,21 +308,11 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
         mc = config["miwae"]
         miwae = MIWAE(x_dim, mc["z_dim"], tuple(mc["hidden"])).to(device)
         iwae = IWAE_ELBO(num_particles=mc["train_particles"])
-
-        def evaluate(epoch: int) -> dict[str, float]:
-            with torch.no_grad():
-                b = batched(lambda a, m: -iwae.loss(miwae.model, miwae.guide, a, m), x_valid, m_valid,
-                            batch_size=ev["batch_size"])
-            return {"valid_bound": float(sum(b)) / x_valid.shape[0]}
-
         cfg = {**config, "train": {**config["train"], **mc.get("train", {})}}
-        trainer = make_trainer(miwae, miwae.model, miwae.guide, iwae, cfg, data, process, out, device,
-                               progress, evaluate)
-        metrics = trainer.fit(resume=resume)
-        best = trainer.load_best()
-        miwae.eval()
-        result["train"] = {"epochs": len(metrics), "evaluated_epoch": best["epoch"],
-                           "valid_iwae_bound_known": -best["value"], "updates": trainer.step,
+        fit = train_best(miwae, iwae, lambda a, m: iwae.loss(miwae.model, miwae.guide, a, m), cfg, data,
+                         process, (x_valid, m_valid), out, device, resume, progress)
+        result["train"] = {"epochs": fit["epochs"], "evaluated_epoch": fit["evaluated_epoch"],
+                           "valid_iwae_bound_known": fit["valid_nll"], "updates": fit["updates"],
                            "selection": f"best validation IWAE-{mc['train_particles']} bound on known pixels"}
         result["train_seconds"] = time.time() - t0
         t0 = time.time()
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = resolve_config(EXPERIMENT, args)
-        make_mask_process(args.mask, (28, 28) if config["dataset"] == "fashion-mnist" else (8, 8))
+        make_mask_process(args.mask, IMAGE_SHAPES[config["dataset"]])
     except ValueError as e:
         parser.error(str(e))
     default = f"{DEFAULT_OUT}/{args.preset}/{args.mask}/{args.method}"

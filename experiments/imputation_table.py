@@ -16,6 +16,7 @@ sweep.png and sweep.json (bound and importance-weighted estimate against the num
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,6 @@ def run_cell(config: dict[str, Any], method: str, mask: str, out: Path, args: ar
              run: bool) -> dict[str, Any] | None:
     path = out / "result.json"
     if path.is_file():
-        import json
-
         return json.loads(path.read_text())
     if not run:
         return None

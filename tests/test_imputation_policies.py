@@ -17,6 +17,7 @@ from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.gpsi import GPSI
 from ppl_models.lstm_imputer import LSTMImputer
 from ppl_models.masks import make_mask_process
+from ppl_models.policy_parts import lstm_step
 
 SHAPE = (8, 8)
 D = 64
@@ -122,17 +123,28 @@ def test_all_missing_mask_gives_an_unconditional_generator(kind, update):
         policy.model(None, None)
 
 
-@pytest.mark.parametrize("kind", ["gpsi", "lstm"])
-def test_add_and_jump_differ_only_in_the_update(kind):
+def add_and_jump_on_one_path(kind: str, spec: str):
+    """An -add and a -jump policy with the same weights, both run as p along one path of the -add guide.
+    Returns the -add policy, the path's steps z, and the model traces of -add and of -jump."""
     add, jump = make(kind, "add"), make(kind, "jump")
     shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (add, jump)]
     assert shapes[0] == shapes[1]
     jump.load_state_dict(add.state_dict())
-    x, mask = data_and_mask("mcar-50")
+    x, mask = data_and_mask(spec)
     guide_tr = poutine.trace(add.guide).get_trace(x, mask)
     z = {n: s["value"] for n, s in guide_tr.nodes.items() if n.startswith("z_")}
-    c_add = poutine.condition(add.model, data=z)(x, mask)
-    c_jump = poutine.condition(jump.model, data=z)(x, mask)
+    traces = [poutine.trace(poutine.condition(m.model, data=z)).get_trace(x, mask) for m in (add, jump)]
+    return add, z, *traces
+
+
+def canvases(trace) -> torch.Tensor:
+    return trace.nodes["_RETURN"]["value"]
+
+
+@pytest.mark.parametrize("kind", ["gpsi", "lstm"])
+def test_add_and_jump_differ_only_in_the_update(kind):
+    add, z, tr_a, tr_j = add_and_jump_on_one_path(kind, "mcar-50")
+    c_add, c_jump = canvases(tr_a), canvases(tr_j)
     assert torch.equal(c_add[0], c_jump[0])  # the same c_0
     for t in range(1, add.num_steps + 1):
         if kind == "gpsi":
@@ -142,23 +154,14 @@ def test_add_and_jump_differ_only_in_the_update(kind):
         else:
             assert not torch.allclose(c_jump[t], c_add[t])
     # The first step is chosen from the same state by both.
-    tr_a = poutine.trace(poutine.condition(add.model, data=z)).get_trace(x, mask)
-    tr_j = poutine.trace(poutine.condition(jump.model, data=z)).get_trace(x, mask)
     first = "z_1" if kind == "gpsi" else "z_0"
     torch.testing.assert_close(step_params(tr_a)[first], step_params(tr_j)[first])
 
 
 def test_lstm_updates_write_from_the_writer_state():
-    add, jump = make("lstm", "add"), make("lstm", "jump")
-    jump.load_state_dict(add.state_dict())
-    x, mask = data_and_mask("mar-4")
-    guide_tr = poutine.trace(add.guide).get_trace(x, mask)
-    z = {n: s["value"] for n, s in guide_tr.nodes.items() if n.startswith("z_")}
-    c_add = poutine.condition(add.model, data=z)(x, mask)
-    c_jump = poutine.condition(jump.model, data=z)(x, mask)
+    add, z, tr_a, tr_j = add_and_jump_on_one_path("lstm", "mar-4")
+    c_add, c_jump = canvases(tr_a), canvases(tr_j)
     # Rebuild the writer's states by hand along the path: the writer is shared, so both models see them.
-    from ppl_models.policy_parts import lstm_step
-
     _, writer, _ = add.initial(z["z_0"])
     for t in range(1, add.num_steps + 1):
         writer = lstm_step(add.writer, z[f"z_{t}"], writer)
