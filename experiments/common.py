@@ -7,13 +7,14 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 
-from inference.train import atomic_write
+from inference.train import Trainer, atomic_write
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -141,3 +142,43 @@ def save_curves(metrics: Sequence[Mapping[str, Any]], keys: Sequence[str], path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def batched(fn: Callable[..., Any], *tensors: torch.Tensor, batch_size: int) -> list:
+    """``fn`` applied to consecutive row blocks of ``tensors`` (indexed together); the list of its results."""
+    return [fn(*(t[i : i + batch_size] for t in tensors)) for i in range(0, tensors[0].shape[0], batch_size)]
+
+
+def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torch.Tensor],
+               config: dict[str, Any], train_data: torch.Tensor, transform: Callable | None,
+               valid: tuple[torch.Tensor, ...], out: Path, device: str, resume: bool,
+               progress: bool) -> dict[str, Any]:
+    """Train ``module``'s model/guide on ``loss`` (``transform`` makes each minibatch, e.g. dynamic
+    binarisation and a fresh mask), score the validation tensors after every epoch with ``batch_nll(*rows)``
+    (a block's summed NLL bound), and load the weights of the best epoch. ``config["train"]`` holds epochs,
+    batch_size, lr, lr_final (per-step decay), clip_norm (global norm) and optional betas. Returns the epochs
+    run, the evaluated epoch, its validation NLL bound per image and the number of updates."""
+    t = config["train"]
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        with torch.no_grad():
+            total = sum(batched(batch_nll, *valid, batch_size=config["eval"]["batch_size"]))
+        return {"valid_bound": -float(total) / valid[0].shape[0]}  # maximised: minus the NLL bound
+
+    steps = t["epochs"] * -(-train_data.shape[0] // t["batch_size"])
+    lrd = (t["lr_final"] / t["lr"]) ** (1.0 / max(steps, 1))
+    trainer = Trainer(
+        module.model, module.guide, module, loss,
+        # Element-wise clamping off (ClippedAdam's clip_norm is a per-element clamp); the global norm of the
+        # batch-summed loss's gradient is clipped by the Trainer instead.
+        pyro.optim.ClippedAdam({"lr": t["lr"], "lrd": lrd, "betas": tuple(t.get("betas", (0.9, 0.98))),
+                                "clip_norm": 1e12}),
+        train_data=train_data, batch_size=t["batch_size"], epochs=t["epochs"], seed=config["seed"],
+        device=device, out_dir=out, transform=transform, evaluate=evaluate, progress=progress,
+        clip_norm=t["clip_norm"], keep_best="valid_bound",
+    )
+    metrics = trainer.fit(resume=resume)
+    best = trainer.load_best()
+    module.eval()
+    return {"epochs": len(metrics), "evaluated_epoch": best["epoch"], "valid_nll": -best["value"],
+            "updates": trainer.step}

@@ -45,11 +45,13 @@ import torch
 
 from experiments.common import (
     add_common_args,
+    batched,
     load_presets,
     markdown_table,
     output_dir,
     resolve_config,
     save_image_grid,
+    train_best,
     write_json,
 )
 from experiments.data import (
@@ -63,7 +65,7 @@ from experiments.data import (
 from inference.importance import importance_log_likelihood
 from inference.iwae import IWAE_ELBO
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
-from inference.train import Trainer, load_checkpoint
+from inference.train import load_checkpoint
 from ppl_models.gpsi import GPSI
 from ppl_models.imputation_policy import ImputationPolicy
 from ppl_models.lstm_imputer import LSTMImputer
@@ -140,10 +142,6 @@ def missing_mse(imputation: torch.Tensor, grey: torch.Tensor, missing: torch.Ten
     return float(err / missing.sum().clamp_min(1))
 
 
-def batched(fn, *tensors: torch.Tensor, batch_size: int) -> list:
-    return [fn(*(t[i : i + batch_size] for t in tensors)) for i in range(0, tensors[0].shape[0], batch_size)]
-
-
 # ------------------------------------------------------------------------------------------ methods
 
 
@@ -158,40 +156,6 @@ def build_policy(
         return GPSI(x_dim, c["z_dim"], tuple(c["hidden"]), c["num_steps"], update, init_mean)
     return LSTMImputer(x_dim, c["z_dim"], c["z0_dim"], c["lstm_dim"], c["mix_hidden"], c["num_steps"], update,
                        init_mean)
-
-
-def train_best(module, loss, batch_nll, config: dict[str, Any], data: Dataset, process: MaskProcess,
-               valid: tuple[torch.Tensor, torch.Tensor], out: Path, device: str, resume: bool,
-               progress: bool) -> dict[str, Any]:
-    """Train ``module``'s model/guide on ``loss`` with a fresh mask per minibatch, score the validation pairs
-    after every epoch with ``batch_nll(x, mask)`` (a batch's summed NLL bound), and load the weights of the
-    best epoch. Returns the epochs run, the evaluated epoch, its validation NLL bound per image and the
-    number of updates."""
-    t = config["train"]
-    x_valid, m_valid = valid
-
-    def evaluate(epoch: int) -> dict[str, float]:
-        with torch.no_grad():
-            total = sum(batched(batch_nll, x_valid, m_valid, batch_size=config["eval"]["batch_size"]))
-        return {"valid_bound": -float(total) / x_valid.shape[0]}  # maximised: minus the NLL bound
-
-    steps = t["epochs"] * -(-data.train.shape[0] // t["batch_size"])
-    lrd = (t["lr_final"] / t["lr"]) ** (1.0 / max(steps, 1))
-    trainer = Trainer(
-        module.model, module.guide, module, loss,
-        # Element-wise clamping off (ClippedAdam's clip_norm is a per-element clamp); the global norm of the
-        # batch-summed loss's gradient is clipped by the Trainer instead.
-        pyro.optim.ClippedAdam({"lr": t["lr"], "lrd": lrd, "betas": tuple(t.get("betas", (0.9, 0.98))),
-                                "clip_norm": 1e12}),
-        train_data=data.train, batch_size=t["batch_size"], epochs=t["epochs"], seed=config["seed"],
-        device=device, out_dir=out, transform=mask_transform(process), evaluate=evaluate, progress=progress,
-        clip_norm=t["clip_norm"], keep_best="valid_bound",
-    )
-    metrics = trainer.fit(resume=resume)
-    best = trainer.load_best()
-    module.eval()
-    return {"epochs": len(metrics), "evaluated_epoch": best["epoch"], "valid_nll": -best["value"],
-            "updates": trainer.step}
 
 
 def evaluate_policy(policy: ImputationPolicy, x: torch.Tensor, mask: torch.Tensor, grey: torch.Tensor,
@@ -267,7 +231,8 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
         policy = build_policy(method, config, x_dim, data.train.mean(0)).to(device)
         elbo = PathwiseKL_ELBO()
         fit = train_best(policy, elbo, lambda a, m: -elbo.per_datum(policy.model, policy.guide, a, m).sum(),
-                         config, data, process, (x_valid, m_valid), out, device, resume, progress)
+                         config, data.train, mask_transform(process), (x_valid, m_valid), out, device, resume,
+                         progress)
         result["train"] = {"epochs": fit["epochs"], "evaluated_epoch": fit["evaluated_epoch"],
                            "valid_bound_nll": fit["valid_nll"], "selection": "best validation bound",
                            "updates": fit["updates"]}
@@ -309,8 +274,8 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
         miwae = MIWAE(x_dim, mc["z_dim"], tuple(mc["hidden"])).to(device)
         iwae = IWAE_ELBO(num_particles=mc["train_particles"])
         cfg = {**config, "train": {**config["train"], **mc.get("train", {})}}
-        fit = train_best(miwae, iwae, lambda a, m: iwae.loss(miwae.model, miwae.guide, a, m), cfg, data,
-                         process, (x_valid, m_valid), out, device, resume, progress)
+        fit = train_best(miwae, iwae, lambda a, m: iwae.loss(miwae.model, miwae.guide, a, m), cfg, data.train,
+                         mask_transform(process), (x_valid, m_valid), out, device, resume, progress)
         result["train"] = {"epochs": fit["epochs"], "evaluated_epoch": fit["evaluated_epoch"],
                            "valid_iwae_bound_known": fit["valid_nll"], "updates": fit["updates"],
                            "selection": f"best validation IWAE-{mc['train_particles']} bound on known pixels"}

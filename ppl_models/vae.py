@@ -57,6 +57,10 @@ class VAE(nn.Module):
         self.encoder = mlp([x_dim, *hidden, 2 * z_dim])
         self.decoder = mlp([z_dim, *reversed(hidden), x_dim])
 
+    def guide_parameters(self) -> list[nn.Parameter]:
+        """φ, the encoder q(z | x): what guide fine-tuning (:mod:`inference.finetune`) trains."""
+        return list(self.encoder.parameters())
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of q(z_0 | x)."""
         loc, pre_scale = self.encoder(x).chunk(2, dim=-1)

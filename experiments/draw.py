@@ -1,0 +1,317 @@
+"""The sequential-generation experiment: train the DRAW-style generators, score them on test data with and
+without guide fine-tuning, and set them beside the foundation VAE under the same protocol.
+
+Bachman & Precup (2015), "Data generation as sequential decision making", Sec. 2.4-2.5 (the open-loop and
+the extended generator), Sec. 9.1 (sizes, fine-tuning), Fig. 1 (σ(c_t) over the steps). Models:
+:class:`ppl_models.draw.DRAWGenerator` and :class:`ppl_models.vae.VAE`.
+
+    python -m experiments.draw --preset quick
+    python -m experiments.draw --preset cpu --out results/draw-cpu
+    python -m experiments.draw --preset paper --device cuda --variants extended-add
+
+Variants: ``open-loop`` (Sec. 2.4, c_t = c_{t-1} + ω(v_t)), ``extended-add`` (Sec. 2.5, same canvas),
+``extended-jump`` (Sec. 2.5, c_t = L(h_t)), and ``vae`` (the VAE of ``experiments.vae``: its best.pt, else
+trained with that experiment's preset; it is not retrained here).
+
+Protocol (stated in every output). Training images are binarised dynamically (a fresh Bernoulli draw per
+minibatch); validation and test images once, with seed 0. The weights of the epoch with the best validation
+bound are evaluated. For each variant, on the test split:
+
+- the bound: −ELBO per image, the mean over ``bound_draws`` single-sample path-wise KL bounds per image, on
+  every scored test image (an upper bound on −log p(x) in expectation);
+- the estimate: IWAE-K, −log of the mean of K importance weights from the guide, per image, on the first
+  ``iw_limit`` test images, with PSIS k-hat and ESS (an estimate of −log p(x), in expectation still an upper
+  bound; k-hat > 0.7 says it is unreliable);
+- both again after guide fine-tuning (Sec. 2.5): the guide alone is re-fitted to the scored test images with
+  the model frozen (:func:`inference.finetune.finetune_guide`); the model scored is the same.
+
+Paired differences to the VAE are taken image by image on the same test images, which is why their standard
+errors are far smaller than those of the separate means.
+
+Outputs in ``--out``: per variant ``<variant>/result.json``, ``result.md``, ``metrics.jsonl``,
+``checkpoint.pt``, ``best.pt``, ``finetune/`` (the fine-tuning run) and ``steps.png`` (σ(c_t) of p's samples
+over the steps, Fig. 1 style); for the whole run ``table.md`` and ``table.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from experiments.common import (
+    add_common_args,
+    batched,
+    load_presets,
+    markdown_table,
+    output_dir,
+    save_image_grid,
+    train_best,
+    write_json,
+)
+from experiments.data import Dataset, binarization_protocol, dynamic_binarize, fixed_binarize, load_dataset
+from experiments.imputation import load_vae
+from inference.finetune import finetune_guide
+from inference.importance import importance_log_likelihood
+from inference.pathwise_kl_elbo import PathwiseKL_ELBO
+from ppl_models.draw import DRAWGenerator
+
+EXPERIMENT = "draw"
+DEFAULT_OUT = "runs/draw"
+GENERATORS = {
+    "open-loop": ("open-loop", "add"),
+    "extended-add": ("extended", "add"),
+    "extended-jump": ("extended", "jump"),
+}
+VARIANTS = (*GENERATORS, "vae")
+DESCRIPTIONS = {
+    "open-loop": "open-loop generator (Sec. 2.4): p(z_t) = N(0, I), c_t = c_(t-1) + ω(v_t)",
+    "extended-add": "extended generator (Sec. 2.5): z_0 mixture, p(z_t | s_(t-1)), c_t = c_(t-1) + ω(v_t)",
+    "extended-jump": "extended generator (Sec. 2.5): z_0 mixture, p(z_t | s_(t-1)), c_t = L(h_t)",
+    "vae": "the foundation VAE (experiments.vae), one Gaussian latent layer",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.draw",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_common_args(parser, EXPERIMENT, DEFAULT_OUT)
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variants to run, from " + ", ".join(VARIANTS)
+                        + " (default: the preset's list)")
+    parser.add_argument("--num-steps", dest="num_steps", type=int, default=None,
+                        help="steps T of the generators (default: the preset's)")
+    parser.add_argument("--eval-limit", dest="eval_limit", type=int, default=None,
+                        help="score only the first N test images (0 = all); for smoke runs")
+    parser.add_argument("--iw-samples", dest="iw_samples", type=int, default=None,
+                        help="K, importance samples per test image for the IWAE estimate")
+    parser.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, default=None,
+                        help="passes of guide fine-tuning over the scored test images (0 = none)")
+    return parser
+
+
+def build_generator(variant: str, config: dict[str, Any], x_dim: int,
+                    init_mean: torch.Tensor) -> DRAWGenerator:
+    prior, update = GENERATORS[variant]
+    g = config["generator"]
+    return DRAWGenerator(x_dim, g["z_dim"], g["z0_dim"], g["lstm_dim"], g["mix_hidden"],
+                         config.get("num_steps") or g["num_steps"], prior, update, init_mean)
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+def score(module, x: torch.Tensor, ev: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """The bound on every row of ``x`` and the IWAE-K estimate on the first ``iw_limit`` rows."""
+    elbo = PathwiseKL_ELBO()
+    draws = ev["bound_draws"]
+    with torch.no_grad():
+        bound = sum(torch.cat(batched(lambda a: -elbo.per_datum(module.model, module.guide, a), x,
+                                      batch_size=ev["batch_size"])) for _ in range(draws)) / draws
+    n_iw = ev["iw_limit"] or x.shape[0]
+    K = ev["iw_samples"]
+    est = importance_log_likelihood(module.model, module.guide, x[:n_iw], num_samples=K,
+                                    batch_size=ev["iw_batch"], chunk_size=ev["iw_chunk"], progress=progress)
+    s = est.summary()
+    bound = bound.double().cpu()
+    iw = -est.log_likelihood.double().cpu()
+    return {
+        "bound": {"nll": float(bound.mean()), "stderr": float(bound.std() / math.sqrt(bound.numel())),
+                  "num_images": bound.numel(), "kind": "bound (upper bound on -log p(x) in expectation)",
+                  "behind": f"mean of {draws} single-sample path-wise KL bounds per image",
+                  "first_iw_images": float(bound[:n_iw].mean())},
+        "iwae": {"nll": float(iw.mean()), "stderr": float(iw.std() / math.sqrt(iw.numel())),
+                 "num_images": iw.numel(), "K": K, "kind": f"estimate (IWAE-{K} of -log p(x))",
+                 "behind": f"K={K} guide samples per image, first {n_iw} test images",
+                 "khat_median": s["khat_median"], "khat_frac_gt_0.7": s["khat_frac_gt_0.7"],
+                 "ess_mean": s["ess_mean"], "per_image": iw.tolist()},
+    }
+
+
+def steps_figure(gen: DRAWGenerator, image_shape, path: Path, title: str, num: int = 8) -> None:
+    """Fig. 1 style: each row one sample of p, each column σ(c_t) for t = 0..T."""
+    steps = gen.sample(num)  # (T + 1, num, D)
+    grid = steps.transpose(0, 1).reshape(-1, steps.shape[-1])
+    save_image_grid(grid, image_shape, path, ncol=steps.shape[0], title=title)
+
+
+def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, device: str, resume: bool,
+                progress: bool, data_dir: str | None = None) -> dict[str, Any]:
+    """Train (generators) or load (VAE), score raw and fine-tuned, and write ``out/result.json``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    out.mkdir(parents=True, exist_ok=True)
+    x_test = fixed_binarize(data.test)
+    if config.get("eval_limit"):
+        x_test = x_test[: config["eval_limit"]]
+    x_valid = fixed_binarize(data.valid)[: config["train"]["valid_limit"]]
+    ev, ft = config["eval"], config["finetune"]
+    result: dict[str, Any] = {"variant": variant, "description": DESCRIPTIONS[variant], "config": config,
+                              "device": device}
+    pyro.set_rng_seed(config["seed"])
+    t0 = time.time()
+    if variant == "vae":
+        module = load_vae(config, data, out, device, progress, data_dir)
+        result["train"] = {"source": str(config["vae"].get("checkpoint")),
+                           "selection": "best validation ELBO (experiments.vae)"}
+    else:
+        module = build_generator(variant, config, data.train.shape[1], data.train.mean(0)).to(device)
+        elbo = PathwiseKL_ELBO()
+        fit = train_best(module, elbo, lambda a: -elbo.per_datum(module.model, module.guide, a).sum(), config,
+                         data.train, lambda x, g: dynamic_binarize(x, g), (x_valid,), out, device, resume,
+                         progress)
+        result["train"] = {"epochs": fit["epochs"], "evaluated_epoch": fit["evaluated_epoch"],
+                           "valid_bound_nll": fit["valid_nll"], "updates": fit["updates"],
+                           "selection": "best validation bound (validation split, fixed binarisation)",
+                           "seconds": time.time() - t0}
+        steps_figure(module, data.image_shape, out / "steps.png",
+                     f"{variant}, {data.name}: sigma(c_t), t = 0..T, one sample of p per row")
+    module.eval()
+    result["num_parameters"] = sum(p.numel() for p in module.parameters())
+    t0 = time.time()
+    result["raw"] = score(module, x_test, ev, progress)
+    result["raw"]["seconds"] = time.time() - t0
+    if ft["epochs"] > 0:
+        t0 = time.time()
+        metrics = finetune_guide(module, module.model, module.guide, module.guide_parameters(),
+                                 PathwiseKL_ELBO(), x_test, epochs=ft["epochs"], batch_size=ft["batch_size"],
+                                 lr=ft["lr"], seed=config["seed"], device=device, out_dir=out / "finetune",
+                                 clip_norm=config["train"]["clip_norm"], progress=progress, resume=resume)
+        module.eval()
+        result["finetune"] = {"epochs": ft["epochs"], "updates": ft["epochs"] * -(-x_test.shape[0]
+                                                                                 // ft["batch_size"]),
+                              "lr": ft["lr"], "data": f"the {x_test.shape[0]} scored test images",
+                              "train_loss": [m["train_loss"] for m in metrics],
+                              "seconds": time.time() - t0}
+        result["finetuned"] = score(module, x_test, ev, progress)
+    result["protocol"] = protocol(data, x_test.shape[0])
+    write_json(out / "result.json", result)
+    (out / "result.md").write_text(render_table([result]))
+    return result
+
+
+def protocol(data: Dataset, num_test: int) -> dict[str, Any]:
+    return {
+        "data": data.describe(),
+        "binarization": binarization_protocol(),
+        "split_scored": "test",
+        "num_test_images": int(num_test),
+        "nll_units": "nats per image",
+        "finetuning": "guide only, model frozen, on the scored test images; the model scored is unchanged",
+    }
+
+
+# ------------------------------------------------------------------------------------------- table
+
+
+def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    return float(d.mean()), float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
+
+
+def render_table(results: list[dict[str, Any]]) -> str:
+    """The markdown table: bound and IWAE estimate, raw and fine-tuned, k-hat, and paired differences to the
+    VAE where the VAE was run."""
+    vae = next((r for r in results if r["variant"] == "vae"), None)
+    rows = []
+    for r in results:
+        row = [r["variant"]]
+        for stage in ("raw", "finetuned"):
+            s = r.get(stage)
+            if s is None:
+                row += ["–"] * 3
+                continue
+            row += [f"{s['bound']['nll']:.2f} ± {s['bound']['stderr']:.2f}",
+                    f"{s['iwae']['nll']:.2f} ± {s['iwae']['stderr']:.2f}",
+                    f"{s['iwae']['khat_median']:.2f} / {100 * s['iwae']['khat_frac_gt_0.7']:.0f} %"]
+        if vae is not None and r is not vae:
+            stage = "finetuned" if "finetuned" in r and "finetuned" in vae else "raw"
+            m, se = _paired(r[stage]["iwae"]["per_image"], vae[stage]["iwae"]["per_image"])
+            row.append(f"{m:+.2f} ± {se:.2f} ({stage})")
+        else:
+            row.append("–")
+        rows.append(row)
+    first = results[0]
+    p, ev = first["protocol"], first["config"]["eval"]
+    d = p["data"]
+    iw = first["raw"]["iwae"]
+    header = ["model", "bound (raw)", f"IWAE-{iw['K']} (raw)", "k-hat median / >0.7 (raw)",
+              "bound (fine-tuned)", f"IWAE-{iw['K']} (fine-tuned)", "k-hat (fine-tuned)",
+              "IWAE − VAE, paired"]
+    return "\n".join([
+        f"Data: {d['name']}, test split; binarisation: {p['binarization']['description']} "
+        f"Nats per image (lower is better), mean ± standard error over images.",
+        f"Bound: mean of {ev['bound_draws']} single-sample path-wise KL bounds per image, on "
+        f"{first['raw']['bound']['num_images']} test images (an upper bound). IWAE-{iw['K']}: an importance "
+        f"estimate of -log p(x) on the first {iw['num_images']} test images. Fine-tuned: the guide alone "
+        f"re-fitted to the scored test images, model frozen ({p['finetuning']}).",
+        "",
+        markdown_table(header, rows),
+        "",
+    ])
+
+
+def run(config: dict[str, Any], variants: list[str], out: Path, device: str, resume: bool, progress: bool,
+        data_dir: str | None = None) -> list[dict[str, Any]]:
+    """Run every variant (a finished one is read back when resuming) and write the table."""
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"unknown variants {bad}; choose from {VARIANTS}")
+    data = load_dataset(config["dataset"], data_dir).to(device)
+    results = []
+    for v in variants:
+        done = out / v / "result.json"
+        if resume and done.is_file():
+            import json
+
+            results.append(json.loads(done.read_text()))
+            continue
+        results.append(run_variant(config, v, data, out / v, device, resume, progress, data_dir))
+    write_json(out / "table.json", {"protocol": results[0]["protocol"], "results": [
+        {k: v for k, v in r.items() if k != "config"} for r in results], "config": config})
+    (out / "table.md").write_text(render_table(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    presets = load_presets(EXPERIMENT)
+    if args.preset not in presets:
+        parser.error(f"unknown preset {args.preset!r}")
+    config = {**presets[args.preset], "preset": args.preset}
+    config["train"] = dict(config["train"])
+    config["eval"] = dict(config["eval"])
+    config["finetune"] = dict(config["finetune"])
+    for key, target in (("seed", config), ("num_steps", config), ("eval_limit", config),
+                        ("epochs", config["train"]), ("iw_samples", config["eval"])):
+        if getattr(args, key) is not None:
+            target[key] = getattr(args, key)
+    if args.finetune_epochs is not None:
+        config["finetune"]["epochs"] = args.finetune_epochs
+    variants = args.variants.split(",") if args.variants else list(config["variants"])
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        parser.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+    for key, value in (("epochs", config["train"]["epochs"]), ("iw_samples", config["eval"]["iw_samples"]),
+                       ("finetune epochs", config["finetune"]["epochs"])):
+        if value < 0 or (key == "iw_samples" and value < 1):
+            parser.error(f"{key} must be >= {1 if key == 'iw_samples' else 0}, got {value}")
+    out = output_dir(args, DEFAULT_OUT)
+    run(config, variants, out, args.device, args.resume, not args.no_progress, args.data_dir)
+    print((out / "table.md").read_text())
+    print(f"results: {out / 'table.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
