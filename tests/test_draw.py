@@ -245,8 +245,9 @@ def test_bad_arguments_raise():
 
 def test_draw_experiment_runs_end_to_end(tmp_path):
     out = tmp_path / "draw"
-    argv = ["--preset", "quick", "--variants", "extended-jump,open-loop", "--epochs", "1", "--eval-limit", "30",
-            "--iw-samples", "20", "--finetune-epochs", "1", "--out", str(out), "--no-progress"]
+    argv = ["--preset", "quick", "--variants", "extended-jump,open-loop", "--epochs", "1",
+            "--eval-limit", "30", "--iw-samples", "20", "--finetune-epochs", "1", "--out", str(out),
+            "--no-progress"]
     assert draw_experiment.main(argv) == 0
     table = json.loads((out / "table.json").read_text())
     assert [r["variant"] for r in table["results"]] == ["extended-jump", "open-loop"]
@@ -257,3 +258,25 @@ def test_draw_experiment_runs_end_to_end(tmp_path):
     assert "IWAE-20" in (out / "table.md").read_text()
     with pytest.raises(SystemExit):
         draw_experiment.main(["--variants", "bogus", "--out", str(out)])
+
+
+def test_vae_guide_parameters_are_the_encoder_and_finetune_leaves_the_decoder(tmp_path):
+    from ppl_models.vae import VAE
+
+    pyro.set_rng_seed(0)
+    vae = VAE(x_dim=D, z_dim=3, hidden=(16,))
+    decoder = {n: p.detach().clone() for n, p in vae.decoder.named_parameters()}
+    encoder = {n: p.detach().clone() for n, p in vae.encoder.named_parameters()}
+    finetune_guide(vae, vae.model, vae.guide, vae.guide_parameters(), PathwiseKL_ELBO(), images(n=20),
+                   epochs=3, batch_size=10, lr=1e-2, seed=0, device="cpu", out_dir=tmp_path, progress=False)
+    assert all(torch.equal(p, decoder[n]) for n, p in vae.decoder.named_parameters())
+    assert all(not torch.equal(p, encoder[n]) for n, p in vae.encoder.named_parameters())
+
+
+def test_draw_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        draw_experiment.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--variants", "--iw-samples", "--finetune-epochs", "--num-steps", "--eval-limit"):
+        assert option in text
