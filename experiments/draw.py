@@ -36,6 +36,7 @@ over the steps, Fig. 1 style); for the whole run ``table.md`` and ``table.json``
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -167,8 +168,8 @@ def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, 
         module = build_generator(variant, config, data.train.shape[1], data.train.mean(0)).to(device)
         elbo = PathwiseKL_ELBO()
         fit = train_best(module, elbo, lambda a: -elbo.per_datum(module.model, module.guide, a).sum(), config,
-                         data.train, lambda x, g: dynamic_binarize(x, g), (x_valid,), out, device, resume,
-                         progress)
+                         data.train, lambda x, g: dynamic_binarize(x, g), (x_valid,), out, device,
+                         resume and (out / "checkpoint.pt").is_file(), progress)
         result["train"] = {"epochs": fit["epochs"], "evaluated_epoch": fit["evaluated_epoch"],
                            "valid_bound_nll": fit["valid_nll"], "updates": fit["updates"],
                            "selection": "best validation bound (validation split, fixed binarisation)",
@@ -177,15 +178,23 @@ def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, 
                      f"{variant}, {data.name}: sigma(c_t), t = 0..T, one sample of p per row")
     module.eval()
     result["num_parameters"] = sum(p.numel() for p in module.parameters())
-    t0 = time.time()
-    result["raw"] = score(module, x_test, ev, progress)
-    result["raw"]["seconds"] = time.time() - t0
+    result["protocol"] = protocol(data, x_test.shape[0])
+    previous = _read_result(out / "result.json") if resume else None
+    if previous is not None and "raw" in previous and previous["config"] == result["config"]:
+        result["raw"] = previous["raw"]  # scored before an interruption; the weights are the same best.pt
+    else:
+        t0 = time.time()
+        result["raw"] = score(module, x_test, ev, progress)
+        result["raw"]["seconds"] = time.time() - t0
+    result["complete"] = False
+    write_json(out / "result.json", result)  # the raw scores survive an interrupted fine-tuning
     if ft["epochs"] > 0:
         t0 = time.time()
         metrics = finetune_guide(module, module.model, module.guide, module.guide_parameters(),
                                  PathwiseKL_ELBO(), x_test, epochs=ft["epochs"], batch_size=ft["batch_size"],
                                  lr=ft["lr"], seed=config["seed"], device=device, out_dir=out / "finetune",
-                                 clip_norm=config["train"]["clip_norm"], progress=progress, resume=resume)
+                                 clip_norm=config["train"]["clip_norm"], progress=progress,
+                                 resume=resume and (out / "finetune" / "checkpoint.pt").is_file())
         module.eval()
         result["finetune"] = {"epochs": ft["epochs"], "updates": ft["epochs"] * -(-x_test.shape[0]
                                                                                  // ft["batch_size"]),
@@ -193,10 +202,14 @@ def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, 
                               "train_loss": [m["train_loss"] for m in metrics],
                               "seconds": time.time() - t0}
         result["finetuned"] = score(module, x_test, ev, progress)
-    result["protocol"] = protocol(data, x_test.shape[0])
+    result["complete"] = True
     write_json(out / "result.json", result)
     (out / "result.md").write_text(render_table([result]))
     return result
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def protocol(data: Dataset, num_test: int) -> dict[str, Any]:
@@ -218,6 +231,11 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(d.mean()), float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
 
 
+def _num(value: Any, spec: str) -> str:
+    # JSON keeps NaN (k-hat of too few samples) as a string; show it as n/a.
+    return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+
+
 def render_table(results: list[dict[str, Any]]) -> str:
     """The markdown table: bound and IWAE estimate, raw and fine-tuned, k-hat, and paired differences to the
     VAE where the VAE was run."""
@@ -232,7 +250,8 @@ def render_table(results: list[dict[str, Any]]) -> str:
                 continue
             row += [f"{s['bound']['nll']:.2f} ± {s['bound']['stderr']:.2f}",
                     f"{s['iwae']['nll']:.2f} ± {s['iwae']['stderr']:.2f}",
-                    f"{s['iwae']['khat_median']:.2f} / {100 * s['iwae']['khat_frac_gt_0.7']:.0f} %"]
+                    f"{_num(s['iwae']['khat_median'], '.2f')} / "
+                    f"{_num(100 * s['iwae']['khat_frac_gt_0.7'], '.0f')} %"]
         if vae is not None and r is not vae:
             stage = "finetuned" if "finetuned" in r and "finetuned" in vae else "raw"
             m, se = _paired(r[stage]["iwae"]["per_image"], vae[stage]["iwae"]["per_image"])
@@ -269,11 +288,9 @@ def run(config: dict[str, Any], variants: list[str], out: Path, device: str, res
     data = load_dataset(config["dataset"], data_dir).to(device)
     results = []
     for v in variants:
-        done = out / v / "result.json"
-        if resume and done.is_file():
-            import json
-
-            results.append(json.loads(done.read_text()))
+        done = _read_result(out / v / "result.json") if resume else None
+        if done is not None and done.get("complete"):
+            results.append(done)
             continue
         results.append(run_variant(config, v, data, out / v, device, resume, progress, data_dir))
     write_json(out / "table.json", {"protocol": results[0]["protocol"], "results": [

@@ -247,9 +247,19 @@ def test_draw_experiment_runs_end_to_end(tmp_path):
     out = tmp_path / "draw"
     argv = ["--preset", "quick", "--variants", "extended-jump,open-loop", "--epochs", "1",
             "--eval-limit", "30", "--iw-samples", "20", "--finetune-epochs", "1", "--out", str(out),
-            "--no-progress"]
+            "--no-progress", "--resume"]  # --resume on an empty directory starts afresh
     assert draw_experiment.main(argv) == 0
     table = json.loads((out / "table.json").read_text())
+    # a finished variant is read back, not re-run; an interrupted one keeps its raw scores
+    interrupted = json.loads((out / "open-loop" / "result.json").read_text())
+    interrupted.pop("finetuned")
+    interrupted["complete"] = False
+    (out / "open-loop" / "result.json").write_text(json.dumps(interrupted))
+    assert draw_experiment.main(argv) == 0
+    again = json.loads((out / "table.json").read_text())
+    assert again["results"][0] == table["results"][0]
+    assert again["results"][1]["raw"] == table["results"][1]["raw"]
+    assert again["results"][1]["finetuned"]["bound"]["num_images"] == 30
     assert [r["variant"] for r in table["results"]] == ["extended-jump", "open-loop"]
     for r in table["results"]:
         assert r["raw"]["bound"]["num_images"] == 30 and r["raw"]["iwae"]["K"] == 20
