@@ -173,14 +173,15 @@ def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, 
         result["train"] = {"epochs": fit["epochs"], "evaluated_epoch": fit["evaluated_epoch"],
                            "valid_bound_nll": fit["valid_nll"], "updates": fit["updates"],
                            "selection": "best validation bound (validation split, fixed binarisation)",
-                           "seconds": time.time() - t0}
+                           "seconds_this_process": time.time() - t0}  # per-epoch times: metrics.jsonl
         steps_figure(module, data.image_shape, out / "steps.png",
                      f"{variant}, {data.name}: sigma(c_t), t = 0..T, one sample of p per row")
     module.eval()
     result["num_parameters"] = sum(p.numel() for p in module.parameters())
     result["protocol"] = protocol(data, x_test.shape[0])
     previous = _read_result(out / "result.json") if resume else None
-    if previous is not None and "raw" in previous and previous["config"] == result["config"]:
+    if previous is not None and "raw" in previous and _without(previous["config"], "finetune") == _without(
+            result["config"], "finetune"):
         result["raw"] = previous["raw"]  # scored before an interruption; the weights are the same best.pt
     else:
         t0 = time.time()
@@ -206,6 +207,10 @@ def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, 
     write_json(out / "result.json", result)
     (out / "result.md").write_text(render_table([result]))
     return result
+
+
+def _without(config: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != key}
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:
