@@ -32,7 +32,8 @@ from inference.train import Trainer
 def frozen_except(module: nn.Module, trainable: Sequence[nn.Parameter]) -> Iterator[None]:
     """Turn off ``requires_grad`` on every parameter of ``module`` not in ``trainable``; restore on exit."""
     keep = {id(p) for p in trainable}
-    missing = [i for i, p in enumerate(trainable) if not any(p is q for q in module.parameters())]
+    owned = {id(p) for p in module.parameters()}
+    missing = [i for i, p in enumerate(trainable) if id(p) not in owned]
     if missing:
         raise ValueError(f"guide_params[{missing}] are not parameters of the module being fine-tuned")
     saved = [(p, p.requires_grad) for p in module.parameters()]

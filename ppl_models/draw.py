@@ -44,15 +44,17 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ppl_models.imputation_policy import _stack, initial_canvas
+from ppl_models.imputation_policy import initial_canvas
 from ppl_models.policy_parts import (
     InitialStates,
     cat_inputs,
+    check_sizes,
     check_update,
     diag_normal,
     lstm_cell,
     lstm_step,
-    update_canvas,
+    stack_canvases,
+    writer_step,
 )
 from ppl_models.vae import mlp
 
@@ -88,11 +90,8 @@ class DRAWGenerator(nn.Module):
         init_mean: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        sizes = (x_dim, z_dim, z0_dim, lstm_dim, mix_hidden, num_steps)
-        if min(sizes) < 1:
-            raise ValueError(
-                "x_dim, z_dim, z0_dim, lstm_dim, mix_hidden and num_steps must be >= 1, got " + str(sizes)
-            )
+        check_sizes(x_dim=x_dim, z_dim=z_dim, z0_dim=z0_dim, lstm_dim=lstm_dim, mix_hidden=mix_hidden,
+                    num_steps=num_steps)
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         self.x_dim, self.z_dim, self.z0_dim, self.lstm_dim = x_dim, z_dim, z0_dim, lstm_dim
@@ -157,9 +156,7 @@ class DRAWGenerator(nn.Module):
             else:
                 step = dist.Normal(ref.new_zeros(self.z_dim), 1.0).to_event(1)  # p(z_t): open loop
             z = pyro.sample(f"z_{t}", step)
-            writer = lstm_step(self.writer, z, writer)
-            written = self.write(writer[0] if self.update == "add" else writer[1])
-            canvas = update_canvas(canvas, written, self.update)
+            writer, canvas = writer_step(self.writer, self.write, z, writer, canvas, self.update)
             canvases.append(canvas)
         return canvases
 
@@ -175,7 +172,7 @@ class DRAWGenerator(nn.Module):
         with pyro.plate("data", n):
             canvases = self._roll_out(None, n)
             pyro.sample("x", dist.Bernoulli(logits=canvases[-1], validate_args=False).to_event(1), obs=x)
-        return _stack(canvases)
+        return stack_canvases(canvases)
 
     def guide(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
         """q(τ | x*). Returns the canvases of p along q's trajectory, shape (T + 1, N, x_dim)."""
@@ -184,7 +181,7 @@ class DRAWGenerator(nn.Module):
             raise ValueError("the guide policy q needs the target images x (shape (N, x_dim))")
         n = self._num_rows(x, num_samples)
         with pyro.plate("data", n):
-            return _stack(self._roll_out(x, n))
+            return stack_canvases(self._roll_out(x, n))
 
     def _num_rows(self, x: torch.Tensor | None, num_samples: int | None) -> int:
         if x is None:

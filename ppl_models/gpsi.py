@@ -31,7 +31,7 @@ import pyro
 import torch
 
 from ppl_models.imputation_policy import ImputationPolicy, initial_canvas
-from ppl_models.policy_parts import cat_inputs, check_update, diag_normal, update_canvas
+from ppl_models.policy_parts import cat_inputs, check_sizes, check_update, diag_normal, update_canvas
 from ppl_models.vae import mlp
 
 
@@ -57,11 +57,8 @@ class GPSI(ImputationPolicy):
         init_mean: torch.Tensor | None = None,
     ) -> None:
         super().__init__("gpsi")
-        if min(x_dim, z_dim, num_steps) < 1 or any(h < 1 for h in hidden):
-            raise ValueError(
-                f"x_dim, z_dim, num_steps and hidden sizes must be >= 1, got {x_dim}, {z_dim}, {num_steps}, "
-                f"{hidden}"
-            )
+        hidden_sizes = {f"hidden[{i}]": h for i, h in enumerate(hidden)}
+        check_sizes(x_dim=x_dim, z_dim=z_dim, num_steps=num_steps, **hidden_sizes)
         self.x_dim, self.z_dim, self.hidden = x_dim, z_dim, tuple(hidden)
         self.num_steps, self.update = num_steps, check_update(update)
         self.p_net = mlp([2 * x_dim, *hidden, 2 * z_dim])  # [current image, mask]

@@ -24,12 +24,7 @@ import torch
 from torch import nn
 
 from ppl_models.masks import validate_mask
-
-
-def _stack(canvases: list[torch.Tensor]) -> torch.Tensor:
-    # c_0 has no particle dimension under vectorised importance sampling; the later canvases may.
-    shape = torch.broadcast_shapes(*(c.shape for c in canvases))
-    return torch.stack([c.expand(shape) for c in canvases])
+from ppl_models.policy_parts import stack_canvases
 
 
 def initial_canvas(x_dim: int, init_mean: torch.Tensor | None = None) -> nn.Parameter:
@@ -81,7 +76,7 @@ class ImputationPolicy(nn.Module):
             canvases = self._roll_out(x, mask, guide=False)
             cost = dist.Bernoulli(logits=canvases[-1], validate_args=False).mask(mask < 0.5).to_event(1)
             pyro.sample("x", cost, obs=obs)
-        return _stack(canvases)
+        return stack_canvases(canvases)
 
     def guide(self, x: torch.Tensor, mask: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
         """q(τ | x_u, x_k). Returns the canvases stacked, shape (steps + 1, B, D)."""
@@ -90,7 +85,7 @@ class ImputationPolicy(nn.Module):
             raise ValueError("the guide policy needs the complete data x (it sees the missing values)")
         x, mask, _ = self._inputs(x, mask, None)
         with pyro.plate("data", x.shape[0]):
-            return _stack(self._roll_out(x, mask, guide=True))
+            return stack_canvases(self._roll_out(x, mask, guide=True))
 
     @torch.no_grad()
     def impute(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,12 @@ from ppl_models.imputation_policy import ImputationPolicy, initial_canvas
 from ppl_models.policy_parts import (
     InitialStates,
     cat_inputs,
+    check_sizes,
     check_update,
     diag_normal,
     lstm_cell,
     lstm_step,
-    update_canvas,
+    writer_step,
 )
 from ppl_models.vae import mlp
 
@@ -69,11 +70,8 @@ class LSTMImputer(ImputationPolicy):
         init_mean: torch.Tensor | None = None,
     ) -> None:
         super().__init__("lstm_imputer")
-        sizes = (x_dim, z_dim, z0_dim, lstm_dim, mix_hidden, num_steps)
-        if min(sizes) < 1:
-            raise ValueError(
-                "x_dim, z_dim, z0_dim, lstm_dim, mix_hidden and num_steps must be >= 1, got " + str(sizes)
-            )
+        check_sizes(x_dim=x_dim, z_dim=z_dim, z0_dim=z0_dim, lstm_dim=lstm_dim, mix_hidden=mix_hidden,
+                    num_steps=num_steps)
         self.x_dim, self.z_dim, self.z0_dim, self.lstm_dim = x_dim, z_dim, z0_dim, lstm_dim
         self.num_steps, self.update = num_steps, check_update(update)
         self.p_z0 = mlp([2 * x_dim, mix_hidden, 2 * z0_dim], nn.Tanh)
@@ -105,8 +103,6 @@ class LSTMImputer(ImputationPolicy):
         for t in pyro.markov(range(1, self.num_steps + 1)):
             state = lstm_step(lstm, cat_inputs([*read(canvas), writer[0]]), state)
             z = pyro.sample(f"z_{t}", diag_normal(head(state[0])))
-            writer = lstm_step(self.writer, z, writer)
-            written = self.write(writer[0] if self.update == "add" else writer[1])
-            canvas = update_canvas(canvas, written, self.update)
+            writer, canvas = writer_step(self.writer, self.write, z, writer, canvas, self.update)
             canvases.append(canvas)
         return canvases

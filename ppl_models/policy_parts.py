@@ -35,6 +35,13 @@ UPDATES = ("add", "jump")
 MIN_SCALE = 1e-4
 
 
+def check_sizes(**sizes: int) -> None:
+    """Raise a ValueError naming every size that is not a positive integer (layer widths, dimensions, T)."""
+    bad = {name: v for name, v in sizes.items() if v < 1}
+    if bad:
+        raise ValueError(f"{', '.join(sizes)} must be >= 1, got {bad}")
+
+
 def check_update(update: str) -> str:
     """The canvas update name, validated: ``"add"`` or ``"jump"``."""
     if update not in UPDATES:
@@ -106,3 +113,21 @@ class InitialStates(nn.Module):
 def update_canvas(canvas: torch.Tensor, write: torch.Tensor, update: str) -> torch.Tensor:
     """c_t = c_{t-1} + ω(·) for ``"add"``, c_t = ω(·) for ``"jump"``; ``write`` is ω's output."""
     return canvas + write if update == "add" else write
+
+
+def writer_step(
+    cell: nn.LSTMCell, write: nn.Module, z: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
+    canvas: torch.Tensor, update: str,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One step of an LSTM writer: s_t = f(s_{t-1}, z_t), then the canvas update. ``"add"`` writes from the
+    visible output (c_t = c_{t-1} + ω(v_t)); ``"jump"`` from the LSTM memory (c_t = L(h_t), torch's cell
+    state), as the paper's LSTM-jump code and its c_T = L_θ(h_T) generator did. Returns (s_t, c_t)."""
+    state = lstm_step(cell, z, state)
+    return state, update_canvas(canvas, write(state[0] if update == "add" else state[1]), update)
+
+
+def stack_canvases(canvases: list[torch.Tensor]) -> torch.Tensor:
+    """c_0..c_T stacked to (T + 1, ..., D). c_0 has no particle dimension under vectorised importance
+    sampling while the later canvases may, so they are broadcast first."""
+    shape = torch.broadcast_shapes(*(c.shape for c in canvases))
+    return torch.stack([c.expand(shape) for c in canvases])
