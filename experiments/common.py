@@ -87,6 +87,36 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
 
 
+def fmt_or_na(value: Any, spec: str) -> str:
+    """``format(value, spec)`` for a finite number; "n/a" for a missing key (None), nan or inf (JSON keeps
+    those as strings) or anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return format(value, spec)
+    return "n/a"
+
+
+#: The k-hat summary keys an experiment keeps beside its estimate (see inference.diagnostics.khat_summary).
+KHAT_KEYS = ("khat_median", "khat_frac_gt_0.7", "khat_frac_degenerate", "ess_mean_degenerate")
+
+
+def degenerate_cell(entry: Mapping[str, Any], *, percent: bool = False) -> str:
+    """The degenerate PSIS category of an importance estimate as a table cell: "<fraction> (ESS <mean>)".
+
+    Points whose PSIS tail has fewer than 5 distinct values (or non-finite k-hat) are degenerate: k-hat says
+    nothing there, and their mean ESS shows whether the weights are good (≈ K: near-constant weights) or
+    not. The fraction is a percentage with ``percent``. Results written before the category existed have no
+    such keys: "n/a".
+    """
+    frac = entry.get("khat_frac_degenerate")
+    cell = fmt_or_na(100 * frac if percent and isinstance(frac, (int, float)) else frac,
+                     ".0f" if percent else ".2f")
+    if cell == "n/a":
+        return cell
+    cell += " %" if percent else ""
+    ess = fmt_or_na(entry.get("ess_mean_degenerate"), ".0f")
+    return cell if ess == "n/a" else f"{cell} (ESS {ess})"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

@@ -21,7 +21,8 @@ bound are evaluated. For each variant, on the test split:
   every scored test image (an upper bound on −log p(x) in expectation);
 - the estimate: IWAE-K, −log of the mean of K importance weights from the guide, per image, on the first
   ``iw_limit`` test images, with PSIS k-hat and ESS (an estimate of −log p(x), in expectation still an upper
-  bound; k-hat > 0.7 says it is unreliable);
+  bound; k-hat > 0.7 says it is unreliable; images whose PSIS tail is degenerate, fewer than 5 distinct
+  weights, are counted apart with their mean ESS, k-hat saying nothing there);
 - both again after guide fine-tuning (Sec. 2.5): the guide alone is re-fitted to the scored test images with
   the model frozen (:func:`inference.finetune.finetune_guide`); the model scored is the same.
 
@@ -47,8 +48,10 @@ import pyro
 import torch
 
 from experiments.common import (
+    KHAT_KEYS,
     add_common_args,
     batched,
+    degenerate_cell,
     load_presets,
     markdown_table,
     output_dir,
@@ -133,8 +136,7 @@ def score(module, x: torch.Tensor, ev: dict[str, Any], progress: bool) -> dict[s
         "iwae": {"nll": float(iw.mean()), "stderr": float(iw.std() / math.sqrt(iw.numel())),
                  "num_images": iw.numel(), "K": K, "kind": f"estimate (IWAE-{K} of -log p(x))",
                  "behind": f"K={K} guide samples per image, first {n_iw} test images",
-                 "khat_median": s["khat_median"], "khat_frac_gt_0.7": s["khat_frac_gt_0.7"],
-                 "ess_mean": s["ess_mean"], "per_image": iw.tolist()},
+                 **{k: s[k] for k in KHAT_KEYS}, "ess_mean": s["ess_mean"], "per_image": iw.tolist()},
     }
 
 
@@ -256,7 +258,8 @@ def render_table(results: list[dict[str, Any]]) -> str:
             row += [f"{s['bound']['nll']:.2f} ± {s['bound']['stderr']:.2f}",
                     f"{s['iwae']['nll']:.2f} ± {s['iwae']['stderr']:.2f}",
                     f"{_num(s['iwae']['khat_median'], '.2f')} / "
-                    f"{_num(100 * s['iwae']['khat_frac_gt_0.7'], '.0f')} %"]
+                    f"{_num(100 * s['iwae']['khat_frac_gt_0.7'], '.0f')} % / "
+                    f"{degenerate_cell(s['iwae'], percent=True)}"]
         if vae is not None and r is not vae:
             stage = "finetuned" if "finetuned" in r and "finetuned" in vae else "raw"
             m, se = _paired(r[stage]["iwae"]["per_image"], vae[stage]["iwae"]["per_image"])
@@ -268,7 +271,7 @@ def render_table(results: list[dict[str, Any]]) -> str:
     p, ev = first["protocol"], first["config"]["eval"]
     d = p["data"]
     iw = first["raw"]["iwae"]
-    header = ["model", "bound (raw)", f"IWAE-{iw['K']} (raw)", "k-hat median / >0.7 (raw)",
+    header = ["model", "bound (raw)", f"IWAE-{iw['K']} (raw)", "k-hat median / >0.7 / degenerate (ESS) (raw)",
               "bound (fine-tuned)", f"IWAE-{iw['K']} (fine-tuned)", "k-hat (fine-tuned)",
               "IWAE − VAE, paired"]
     return "\n".join([
@@ -278,6 +281,10 @@ def render_table(results: list[dict[str, Any]]) -> str:
         f"{first['raw']['bound']['num_images']} test images (an upper bound). IWAE-{iw['K']}: an importance "
         f"estimate of -log p(x) on the first {iw['num_images']} test images. Fine-tuned: the guide alone "
         f"re-fitted to the scored test images, model frozen ({p['finetuning']}).",
+        "k-hat: PSIS median over the images with a fitted tail / fraction of all images above 0.7 "
+        "(unreliable) / fraction of all images whose PSIS tail is degenerate (fewer than 5 distinct weights, "
+        "or k-hat not finite: k-hat says nothing there, never counted as unreliable) with their mean ESS of "
+        "K; n/a: not computed or not recorded.",
         "",
         markdown_table(header, rows),
         "",

@@ -44,6 +44,7 @@ import pyro
 import torch
 
 from experiments.common import (
+    KHAT_KEYS,
     add_common_args,
     batched,
     load_presets,
@@ -184,8 +185,7 @@ def evaluate_policy(policy: ImputationPolicy, x: torch.Tensor, mask: torch.Tenso
         "iw_estimate": {
             **summarise(-est.log_likelihood, missing[:n_iw], f"estimate (IWAE-{K} of -log p(x_u|x_k))",
                         f"K={K} guide roll-outs per image, first {n_iw} test images"),
-            "khat_median": s["khat_median"], "khat_frac_gt_0.7": s["khat_frac_gt_0.7"],
-            "ess_mean": s["ess_mean"],
+            **{k: s[k] for k in KHAT_KEYS}, "ess_mean": s["ess_mean"],
         },
         "mse": missing_mse(mean_imp, grey, missing),
         "mse_protocol": f"mean of sigma(c_T) over {rollouts} roll-outs of p vs grey-level test pixels",

@@ -24,7 +24,14 @@ from typing import Any
 import torch
 
 from experiments import imputation
-from experiments.common import add_common_args, markdown_table, resolve_config, write_json
+from experiments.common import (
+    add_common_args,
+    degenerate_cell,
+    fmt_or_na,
+    markdown_table,
+    resolve_config,
+    write_json,
+)
 
 EXPERIMENT = "imputation"
 DEFAULT_OUT = "runs/imputation-table"
@@ -101,6 +108,19 @@ def fmt(entry: dict[str, Any] | None, key: str = "nll_per_image", digits: int = 
     err = entry.get(f"{key}_stderr")
     return f"{value:.{digits}f} ± {err:.{digits}f}" if err is not None and key == "nll_per_image" else \
         f"{value:.{digits}f}"
+
+
+def khat_cell(r: dict[str, Any] | None) -> str:
+    """PSIS health of a cell's importance estimate: "k-hat median / fraction > 0.7 / degenerate (ESS)".
+
+    Degenerate: fraction of images whose PSIS tail has fewer than 5 distinct weights (or non-finite k-hat),
+    with their mean ESS; never counted in "> 0.7". Cells written before that category existed show n/a.
+    """
+    if r is None or "iw_estimate" not in r:
+        return "–"
+    e = r["iw_estimate"]
+    return (f"{fmt_or_na(e.get('khat_median'), '.2f')} / {fmt_or_na(e.get('khat_frac_gt_0.7'), '.2f')} / "
+            f"{degenerate_cell(e)}")
 
 
 def render(config: dict[str, Any], cells: dict[str, dict[str, dict[str, Any]]], masks: list[str],
@@ -182,12 +202,15 @@ def render(config: dict[str, Any], cells: dict[str, dict[str, dict[str, Any]]], 
         "",
         markdown_table(head, rows(lambda r: "–" if r is None else f"{r['mse']:.4f}")),
         "",
-        "## Importance-sampling health of the policies' estimates (PSIS k-hat median / fraction > 0.7)",
+        "## Importance-sampling health of the policies' estimates (PSIS k-hat median / fraction > 0.7 / "
+        "fraction degenerate (their mean ESS))",
         "",
-        markdown_table(head, [[LABELS[m], *[
-            "–" if (r := cells.get(mask, {}).get(m)) is None else
-            f"{r['iw_estimate']['khat_median']:.2f} / {r['iw_estimate']['khat_frac_gt_0.7']:.2f}"
-            for mask in masks]] for m in methods if m in imputation.POLICIES]),
+        "Degenerate: the PSIS tail has fewer than 5 distinct weights (or k-hat is not finite), so k-hat says "
+        "nothing; such images are not counted as unreliable (> 0.7); their mean ESS is of "
+        f"K={iw['iw_samples']}. n/a: not recorded (cells written before the category existed).",
+        "",
+        markdown_table(head, [[LABELS[m], *[khat_cell(cells.get(mask, {}).get(m)) for mask in masks]]
+                              for m in methods if m in imputation.POLICIES]),
         "",
         "## For reference only: the paper's Table 1 on MNIST (not comparable)",
         "",

@@ -25,6 +25,7 @@ import torch
 
 from experiments.common import (
     add_common_args,
+    fmt_or_na,
     markdown_table,
     output_dir,
     resolve_config,
@@ -143,7 +144,7 @@ def run(config: dict[str, Any], out, device: str, resume: bool, progress: bool,
             "num_images": n_ladder,
             "elbo": ladder["elbo"],
             "iwae": ladder["iwae"],
-            **khat_summary(ladder["khat"]),
+            **khat_summary(ladder["khat"], ladder["degenerate"], ladder["ess"]),
         },
         "train": {
             "epochs": len(metrics),
@@ -200,9 +201,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         ),
         "",
         "± is the standard error over test images. Importance-sampling health of the K weights per image: "
-        f"PSIS k-hat median {imp['khat_median']:.2f}, fraction > 0.7: {imp['khat_frac_gt_0.7']:.3f}, "
-        f"fraction > 0.5: {imp['khat_frac_gt_0.5']:.3f}; ESS mean {imp['ess_mean']:.1f}, "
-        f"min {imp['ess_min']:.1f} (of {K}).",
+        f"PSIS k-hat median {fmt_or_na(imp['khat_median'], '.2f')}, fraction > 0.7: "
+        f"{fmt_or_na(imp['khat_frac_gt_0.7'], '.3f')}, fraction > 0.5: "
+        f"{fmt_or_na(imp['khat_frac_gt_0.5'], '.3f')}, fraction degenerate: "
+        f"{fmt_or_na(imp.get('khat_frac_degenerate'), '.3f')} (their ESS mean "
+        f"{fmt_or_na(imp.get('ess_mean_degenerate'), '.1f')}); ESS mean {imp['ess_mean']:.1f}, "
+        f"min {imp['ess_min']:.1f} (of {K}). Degenerate: the PSIS tail has fewer than 5 distinct weights (or "
+        "k-hat is not finite), so k-hat says nothing there; such images are not counted in the fractions "
+        "above 0.5 and 0.7, and the median is over the others.",
         "",
         f"Bound ladder on the first {r['ladder_first_test_images']['num_images']} test images "
         "(log-likelihood bounds, higher is tighter; IWAE-k from K=1000 samples in groups of k):",

@@ -1,0 +1,85 @@
+"""seqgen's objectives, estimators, diagnostics and training driver.
+
+Import them as Pyro users import ``pyro.infer``::
+
+    from inference import PathwiseKL_ELBO, IWAE_ELBO, importance_log_likelihood
+
+Objectives (one per module, the equation in its docstring): :class:`PathwiseKL_ELBO` (Bachman & Precup 2015,
+"Data generation as sequential decision making", Eq. 17: negative ELBO with analytic one-step KLs where they
+are valid) and :class:`IWAE_ELBO` (Burda et al. 2016, the importance-weighted bound). Estimators and
+diagnostics: :func:`importance_log_likelihood`, :func:`log_importance_weights`, :func:`bound_ladder`, PSIS
+k-hat and ESS. Training: :class:`Trainer` (checkpoints, exact resume, the NaN stop), :class:`ExtraTerm`
+(extra losses with their own optimisers) and :func:`finetune_guide` (q only, p frozen).
+"""
+
+from inference.diagnostics import (
+    bound_ladder,
+    check_ladder,
+    degenerate_tails,
+    effective_sample_size,
+    iwae_ladder_from_weights,
+    khat_summary,
+    latent_samples_to_arviz,
+    per_step_curves,
+    psis_khat,
+)
+from inference.finetune import finetune_guide, frozen_except
+from inference.importance import ImportanceEstimate, importance_log_likelihood
+from inference.iwae import (
+    IWAE_ELBO,
+    infer_data_plate,
+    iter_log_weights,
+    log_importance_weights,
+    log_mean_exp,
+    max_plate_nesting,
+)
+from inference.pathwise_kl_elbo import (
+    PathwiseKL_ELBO,
+    PathwiseKLValidityError,
+    SiteKind,
+    analytic_kl,
+    late_parents,
+    same_weighting,
+)
+from inference.train import (
+    ExtraTerm,
+    NonFiniteLossError,
+    Trainer,
+    atomic_write,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+__all__ = [
+    "ExtraTerm",
+    "IWAE_ELBO",
+    "ImportanceEstimate",
+    "NonFiniteLossError",
+    "PathwiseKLValidityError",
+    "PathwiseKL_ELBO",
+    "SiteKind",
+    "Trainer",
+    "analytic_kl",
+    "atomic_write",
+    "bound_ladder",
+    "check_ladder",
+    "degenerate_tails",
+    "effective_sample_size",
+    "finetune_guide",
+    "frozen_except",
+    "importance_log_likelihood",
+    "infer_data_plate",
+    "iter_log_weights",
+    "iwae_ladder_from_weights",
+    "khat_summary",
+    "late_parents",
+    "latent_samples_to_arviz",
+    "load_checkpoint",
+    "log_importance_weights",
+    "log_mean_exp",
+    "max_plate_nesting",
+    "per_step_curves",
+    "psis_khat",
+    "same_weighting",
+    "save_checkpoint",
+]

@@ -9,11 +9,17 @@ and variational bounds). For each data point x_n and K samples z^(k) ~ q(z | x_n
 L_1 is the ELBO, L_K does not decrease with K and tends to log p(x_n) as K -> inf. The loss is
 -Σ_n L_K(x_n) (times the plate's scale when subsampling).
 
-"Per data point" is defined by a plate: every sample site must sit inside ``pyro.plate(data_plate)``
-(default ``"data"``), whose dimension indexes data points; all other batch dimensions are summed into
-the log weight. A model with no such plate is one data point. The K particles live in an extra plate
-(``"iw_particles"``) to the left of all the model's plates, so the model and guide must broadcast as
-Pyro models do (the same requirement as ``vectorize_particles=True``).
+"Per data point" is defined by a plate, ``data_plate``: its dimension indexes data points, and every
+other batch dimension is summed into the log weight. By default (``data_plate="auto"``) it is inferred from
+the trace: the outermost vectorised plate that all observed sites of the model share. ``data_plate=None``
+treats the whole batch as one data point (one log weight per particle); a name must be a vectorised plate of
+the model. No shared plate, a name that matches no plate, or shared plates nested differently at different
+sites is an error that names the plates found and the argument to pass. Every sample site (latent or
+observed, model or guide) must sit inside the data plate, or the weights do not split per data point. The
+K particles live in an extra plate (``"iw_particles"``) to the left of all the model's plates, so the model
+and guide must broadcast as Pyro models do (the requirement of ``vectorize_particles=True``); a model that
+does not is reported as such. Every model latent needs a guide site (its proposal): a model latent the guide
+does not sample is an error, since log p - log q is then no importance weight.
 
 Log weights are computed from unscaled log-densities with the masks applied; a ``poutine.scale``
 factor (e.g. N/B under subsampling) multiplies the per-data-point bound *outside* the log-mean-exp,
@@ -30,7 +36,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import warn_if_nan
 
 PARTICLE_PLATE = "iw_particles"
@@ -52,11 +58,71 @@ def max_plate_nesting(model, guide, *args, **kwargs) -> int:
     return -min(dims) if dims else 0
 
 
-def _data_dim(site: dict, data_plate: str) -> int | None:
+AUTO = "auto"  # data_plate: infer the plate that indexes data points from the trace
+
+
+def _vectorised_frames(site: dict) -> list:
+    return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE]
+
+
+def infer_data_plate(model_trace) -> str:
+    """The outermost vectorised plate shared by every observed site of ``model_trace`` (see module doc)."""
+    observed = {
+        name: [f.name for f in _vectorised_frames(site)]
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+    }
+    if not observed:
+        raise ValueError("importance weights need an observed site in the model (obs=...); found none")
+    plates = sorted({p for stack in observed.values() for p in stack})
+    shared = [p for p in next(iter(observed.values())) if all(p in stack for stack in observed.values())]
+    if not shared:
+        where = ", ".join(f"{name!r} in {stack}" for name, stack in observed.items())
+        raise ValueError(
+            f"cannot infer which plate indexes data points: no vectorised plate is shared by all observed "
+            f"sites ({where}). Pass data_plate='<plate name>' (plates found: {plates}), or data_plate=None "
+            f"to treat the whole batch as one data point."
+        )
+    orders = {tuple(p for p in stack if p in shared) for stack in observed.values()}
+    if len(orders) > 1:
+        raise ValueError(
+            f"cannot infer which plate indexes data points: the observed sites share plates {shared} but "
+            f"nest them in different orders {sorted(orders)}. Pass data_plate='<plate name>' or None."
+        )
+    return shared[0]
+
+
+def _check_data_plate(model_trace, data_plate: str) -> None:
+    frames = {
+        f.name: f.vectorized
+        for site in model_trace.nodes.values()
+        if site["type"] == "sample"
+        for f in site["cond_indep_stack"]
+        if f.name != PARTICLE_PLATE
+    }
+    if data_plate not in frames:
+        raise ValueError(
+            f"data_plate={data_plate!r} names no plate of the model; plates found: {sorted(frames)}. Pass "
+            f"one of them, data_plate='auto' to infer it, or data_plate=None for one data point per batch."
+        )
+    if not frames[data_plate]:
+        raise ValueError(
+            f"data_plate={data_plate!r} is a sequential plate (`for i in pyro.plate(...)`); importance "
+            f"weights per data point need a vectorised plate (`with pyro.plate(...)`)."
+        )
+
+
+def _data_dim(site: dict, data_plate: str | None) -> int | None:
     for frame in site["cond_indep_stack"]:
         if frame.name == data_plate:
             return frame.dim
     return None
+
+
+def _same_scale(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    return a == b
 
 
 def log_importance_weights(
@@ -64,14 +130,14 @@ def log_importance_weights(
     guide,
     *args,
     num_samples: int,
-    data_plate: str = "data",
+    data_plate: str | None = AUTO,
     plate_nesting: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, float | torch.Tensor]:
     """Log importance weights log p(x, z) - log q(z | x), shape (num_samples, N), and the plate scale.
 
-    Differentiable when gradients are enabled (reparameterised guides). N is the size of
-    ``data_plate`` (1 if the model has no such plate).
+    Differentiable when gradients are enabled (reparameterised guides). N is the size of the data plate
+    (``"auto"``: inferred, see the module docstring; ``None``: N = 1, the whole batch is one data point).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -79,17 +145,43 @@ def log_importance_weights(
         plate_nesting = max_plate_nesting(model, guide, *args, **kwargs)
     nesting = plate_nesting + 1
     particles = pyro.plate(PARTICLE_PLATE, num_samples, dim=-nesting)
-    guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
-        *args, **kwargs
-    )
+    try:
+        guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    except (RuntimeError, ValueError) as e:
+        if not any(w in str(e).lower() for w in ("shape", "size", "broadcast", "dimension", PARTICLE_PLATE)):
+            raise
+        raise ValueError(
+            f"the model/guide pair could not run with {num_samples} importance samples vectorised in an "
+            f"extra plate at dim {-nesting} (left of its {plate_nesting} plate dim(s)): every batch dim "
+            f"of a site must be declared with pyro.plate (or moved into the event with .to_event()) so that "
+            f"sites broadcast over that plate, as for vectorize_particles=True. The error was: {e}"
+        ) from e
     guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+
+    model_observed = {n for n, s in model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]}
+    missing = [
+        n for n, s in model_trace.nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and n not in guide_trace.nodes
+    ]
+    if missing:
+        raise ValueError(
+            f"model latent site(s) {missing} are not sampled by the guide: an importance weight needs a "
+            f"proposal density for every latent. Sample them in the guide (or observe them in the model)."
+        )
+    if data_plate == AUTO:
+        data_plate = infer_data_plate(model_trace)
+    elif data_plate is not None:
+        _check_data_plate(model_trace, data_plate)
 
     terms: list[tuple[torch.Tensor, int | None, str]] = []
     scales = []
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
         for name, site in trace.nodes.items():
-            if site["type"] != "sample" or (trace is guide_trace and site["is_observed"]):
+            # Guide sites enter with -log q, except observations the model also scores.
+            if site["type"] != "sample" or (trace is guide_trace and name in model_observed):
                 continue
             lp = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
             if lp.dim() > nesting:
@@ -99,19 +191,21 @@ def log_importance_weights(
                 )
             lp = lp.reshape((1,) * (nesting - lp.dim()) + lp.shape)
             terms.append((sign * lp, _data_dim(site, data_plate), name))
-            scales.append(site["scale"])
+            scales.append((name, site["scale"]))
 
-    has_plate = [d is not None for _, d, _ in terms]
-    if any(has_plate) and not all(has_plate):
-        outside = [name for _, d, name in terms if d is None]
+    outside = list(dict.fromkeys(name for _, d, name in terms if d is None))
+    if data_plate is not None and outside:
         raise ValueError(
             f"importance weights per data point need every sample site inside pyro.plate({data_plate!r}); "
-            f"these are not: {outside}"
+            f"these are not: {outside}. Pass data_plate=None to treat the whole batch as one data point."
         )
-    scale = scales[0] if scales else 1.0
-    for s in scales[1:]:
-        if not (s is scale or (torch.is_tensor(s) and torch.equal(torch.as_tensor(scale), s)) or s == scale):
-            raise ValueError("all sites must share one poutine.scale factor for per-data-point weights")
+    scale = scales[0][1] if scales else 1.0
+    differ = [f"{name!r}: {s}" for name, s in scales if not _same_scale(s, scale)]
+    if differ:
+        raise ValueError(
+            f"importance weights need one poutine.scale factor shared by every site (it multiplies the "
+            f"bound outside the log-mean-exp); {scales[0][0]!r} has {scale} but " + ", ".join(differ)
+        )
 
     log_w = None
     for lp, ddim, _ in terms:
@@ -137,7 +231,7 @@ def iter_log_weights(
     num_samples: int,
     batch_size: int = 100,
     chunk_size: int = 500,
-    data_plate: str = "data",
+    data_plate: str | None = AUTO,
     progress: bool = False,
     desc: str = "importance weights",
 ) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -180,11 +274,12 @@ class IWAE_ELBO(ELBO):
     need a fully reparameterised guide. ``num_particles=1`` is the ELBO with Monte Carlo KL.
 
     :param int num_particles: K, the number of importance samples per data point.
-    :param str data_plate: the plate whose dimension indexes data points.
+    :param data_plate: the plate whose dimension indexes data points: ``"auto"`` (default) infers it
+        from the trace, ``None`` makes the whole batch one data point (see the module docstring).
     """
 
     def __init__(
-        self, num_particles: int = 5, data_plate: str = "data", max_plate_nesting: int | None = None
+        self, num_particles: int = 5, data_plate: str | None = AUTO, max_plate_nesting: int | None = None
     ) -> None:
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles (K) must be a positive int, got {num_particles!r}")
@@ -237,7 +332,9 @@ class IWAE_ELBO(ELBO):
         bad = [
             name
             for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample
+            if site["type"] == "sample" and not site["fn"].has_rsample
+            # latents, and guide-side pyro.factor terms that came from non-reparameterised sampling
+            and (not site["is_observed"] or site["infer"].get("is_auxiliary"))
         ]
         if bad:
             raise ValueError(

@@ -1,8 +1,8 @@
 """The guided-policy-search objective: path-wise KL with analytic one-step KLs.
 
 Bachman & Precup (2015), "Data generation as sequential decision making", Sec. 2.1-2.2 and 3, Eqs. 2, 5,
-16, 17. A guide policy q, which sees privileged information (the data x*, or the missing values x_u),
-produces a trajectory z_1..z_T; the primary policy p is trained to imitate it by minimising::
+6, 16, 17. A guide policy q, which sees privileged information (the data x*, or the missing values x_u),
+produces a trajectory z_1..z_T; the primary policy p is trained to imitate it by minimising (Eq. 17)::
 
     L(p, q) = E_q[ cost(τ) ] + KL( q(τ | x) || p(τ) )
             = E_q[ -log p(x | z_{1:T}) ]
@@ -11,56 +11,178 @@ produces a trajectory z_1..z_T; the primary policy p is trained to imitate it by
 which is the negative ELBO. The path-wise KL is a sum of one-step KLs taken *along a sampled path*: the
 history z_{<t} is one sample from the guide, and the one-step KL given that history is computed in closed
 form wherever ``torch.distributions.kl_divergence`` knows the pair (partial Rao-Blackwellisation, paper
-Sec. 9.1). This is unbiased for the ELBO and its gradient even when the prior p(z_t | z_{<t}) depends on
-earlier samples, because each one-step KL is the exact conditional expectation of
-log q_t(z_t) - log p_t(z_t) given the sampled history.
+Sec. 9.1).
 
-Symbols to code: p -> ``model``, q -> ``guide``, z_t -> sample sites ``z_t``, cost(τ) = -log p(x | ·) ->
-the observed site(s) of the model (``obs=``, masked with ``.mask()`` / ``poutine.mask`` to the missing
-values for imputation), T -> the number of latent sites.
+**When the one-step KL may be analytic (the validity condition).** Eq. 6 writes both policies in one
+order, t = 0..T, so the history z_{<t} that q_t conditions on contains everything p_t conditions on. The
+analytic term KL(q_t(· | h_t) || p_t(· | pa_p(z_t))), with h_t the guide's history when it samples z_t and
+pa_p(z_t) the model's parents of z_t, equals the conditional expectation of the sampled log-ratio
+log q_t(z_t | h_t) - log p_t(z_t | pa_p(z_t)) given h_t **only if pa_p(z_t) ⊆ h_t**: every model parent
+of z_t has been sampled by the guide *before* z_t. When a parent is sampled after z_t (and from it), the
+KL is evaluated at a parent value that already depends on z_t and the estimate is biased: for the model
+x ~ N(0, 1), y | x ~ N(x, 1), o | y ~ N(y, 1) (o observed) and the guide y ~ N(a, s²), x | y ~ N(b y + c,
+t²), the bias is b s² nats. Guides that run in another order than their model (a heating guide against a
+cooling model, a noising guide written in forward time against a denoising model) are exactly this case.
+
+How it is checked, here: conservatively, by **order**. Every model latent that the model samples before
+z_t counts as a possible parent of z_t (it may reach p_t through any computation), so z_t's KL is analytic
+only if the guide samples all of those before z_t. The check needs no dependency tracking (which can lose
+edges through ``.item()`` or Python control flow, and so could wrongly approve a site); its price is that a
+guide that reorders latents the model treats as independent loses Rao-Blackwellisation at those sites. It
+is computed once per model/guide structure (the sequence of site names of both traces) and cached, so a
+training step pays one dictionary look-up; it runs whether or not Pyro's validation is enabled. A site that
+fails it falls back to the Monte Carlo log-ratio (always unbiased) and a warning names the site and the
+parent, once per objective; ``strict=True`` raises instead. :meth:`PathwiseKL_ELBO.kl_report` says, per
+site, which kind of term it gets and why.
+
+Symbols to code: p -> ``model``, q -> ``guide``, z_t -> sample sites ``z_t``, h_t -> the guide's sites
+before ``z_t`` in its trace, pa_p(z_t) -> the model's latent sites before ``z_t`` in its trace,
+cost(τ) = -log p(x | ·) -> the observed site(s) of the model (``obs=``, masked with ``.mask()`` /
+``poutine.mask`` to the missing values for imputation), T -> the number of latent sites.
 
 Estimator, per particle::
 
     elbo = Σ_observed log p(x)                                  (scaled and masked)
-         - Σ_latent  KL(q_t || p_t)         where the pair has a registered KL
+         - Σ_latent  KL(q_t || p_t)         where the pair has a registered KL and the condition holds
          + Σ_latent  log p_t(z_t) - log q_t(z_t)   elsewhere (Monte Carlo)
+         - Σ_guide-only log q(·)            auxiliary guide sites and guide-side ``pyro.factor``
 
 Sites whose guide distribution has no ``rsample`` get a score-function term, whose cost is every term
 that depends on the site's sample (Pyro's plate-aware downstream log-ratio, as in
 :class:`pyro.infer.Trace_ELBO`, minus the site's own term where its KL is analytic, since that term no
 longer depends on the sample).
+
+Everything else behaves as :class:`pyro.infer.Trace_ELBO` does: guide-only sites (``infer={"is_auxiliary":
+True}``, ``pyro.factor`` with or without ``has_rsample``) enter with -log q and, without ``rsample``, a
+score-function term; a model latent the guide does not sample is drawn from the model's own conditional and
+contributes its log p (Trace_ELBO's value), with Pyro's warning "Found vars in model but not guide" —
+``strict=True`` raises instead, since that value is not the ELBO of any guide.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import torch
+from pyro.distributions import MaskedDistribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask
-from pyro.infer.trace_elbo import Trace_ELBO, _compute_log_r
-from pyro.infer.util import torch_item
+from pyro.infer.trace_elbo import Trace_ELBO
+from pyro.infer.util import MultiFrameTensor, get_plate_stacks, torch_item
 from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
-from torch.distributions import kl_divergence
+from torch.distributions import Independent, kl_divergence
 
 
-def _combined_mask(model_site: dict, guide_site: dict) -> torch.Tensor | bool | None:
-    """A latent term counts where both the model's and the guide's masks let it through."""
-    m, g = model_site["mask"], guide_site["mask"]
-    if m is None:
-        return g
-    if g is None:
-        return m
-    return m & g
+class PathwiseKLValidityError(ValueError):
+    """A site's analytic KL would be biased (or a model latent has no guide site) and ``strict=True``."""
+
+
+@dataclass(frozen=True)
+class SiteKind:
+    """How one model latent enters :class:`PathwiseKL_ELBO`: ``kind`` is ``"analytic"`` (closed-form KL),
+    ``"monte-carlo"`` (sampled log-ratio) or ``"model-only"`` (no guide site); ``reason`` says why."""
+
+    kind: str
+    reason: str
+    late_parents: tuple[str, ...] = ()
+
+
+def _dist_masks(fn) -> list:
+    """The masks set with ``.mask()`` on a distribution, outermost first (through ``.to_event()``)."""
+    masks = []
+    while True:
+        if isinstance(fn, MaskedDistribution):
+            masks.append(fn._mask)
+        elif not isinstance(fn, Independent):
+            return masks
+        fn = fn.base_dist
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(torch.equal(a, b))
+    return a == b
+
+
+def same_weighting(model_site: dict, guide_site: dict) -> bool:
+    """Whether log p and log q of a site carry the same scale and masks (site- and distribution-level).
+
+    Only then is E_q[s·m·(log q - log p)] the scaled, masked KL: with a mask or scale on one side only,
+    Trace_ELBO's value keeps the other side's term (e.g. -log q where only the model is masked), which no
+    KL gives, so such a site is Monte Carlo.
+    """
+    for key in ("scale", "mask"):
+        if not _same(model_site[key], guide_site[key]):
+            return False
+    pm, qm = _dist_masks(model_site["fn"]), _dist_masks(guide_site["fn"])
+    return len(pm) == len(qm) and all(_same(a, b) for a, b in zip(pm, qm, strict=True))
 
 
 def analytic_kl(model_site: dict, guide_site: dict) -> torch.Tensor | None:
-    """Scaled, masked one-step KL(q_t || p_t) with the site's batch shape, or None if not registered."""
+    """Scaled, masked one-step KL(q_t || p_t) with the site's batch shape, or None if not registered.
+
+    This is only the closed form, with the guide site's scale and mask: whether it may replace the sampled
+    log-ratio is the validity condition of the module docstring and :func:`same_weighting`, which
+    :class:`PathwiseKL_ELBO` checks.
+    """
     try:
         kl = kl_divergence(guide_site["fn"], model_site["fn"])
     except NotImplementedError:
         return None
     if not torch.is_tensor(kl):  # a constant KL (e.g. identical fixed distributions)
         kl = torch.full(guide_site["fn"].batch_shape, float(kl))
-    return scale_and_mask(kl, scale=guide_site["scale"], mask=_combined_mask(model_site, guide_site))
+    return scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
+
+
+def _sample_names(trace: Trace, latent_only: bool) -> tuple[str, ...]:
+    return tuple(
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and not site_is_subsample(site)
+        and not (latent_only and site["is_observed"])
+    )
+
+
+def late_parents(model_latents: tuple[str, ...], guide_sites: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """The order check: for each model latent, the possible model parents the guide samples after it.
+
+    ``model_latents`` are the model's latent sites in the model's order, ``guide_sites`` the guide's sample
+    sites in the guide's order. A possible parent of z_t is any model latent sampled before z_t by the
+    model; it is *late* if the guide samples it after z_t or not at all. Model latents that the guide does
+    not sample are left out of the result (they have no guide term).
+    """
+    guide_pos = {name: i for i, name in enumerate(guide_sites)}
+    never = len(guide_sites)
+    out = {}
+    for i, name in enumerate(model_latents):
+        if name not in guide_pos:
+            continue
+        at = guide_pos[name]
+        out[name] = tuple(p for p in model_latents[:i] if guide_pos.get(p, never) > at)
+    return out
+
+
+def _log_r(model_trace: Trace, guide_trace: Trace) -> MultiFrameTensor:
+    """Trace_ELBO's plate-aware log p - log q per site (detached), for score-function costs; a model latent
+    without a guide site contributes its log p alone (where Pyro's version raises a KeyError)."""
+    log_r = MultiFrameTensor()
+    stacks = get_plate_stacks(model_trace)
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample":
+            term = site["log_prob"]
+            if not site["is_observed"] and name in guide_trace.nodes:
+                term = term - guide_trace.nodes[name]["log_prob"]
+            log_r.add((stacks[name], term.detach()))
+    return log_r
+
+
+def _sum(x: torch.Tensor | float) -> torch.Tensor | float:
+    return x.sum() if torch.is_tensor(x) else x
 
 
 class PathwiseKL_ELBO(Trace_ELBO):
@@ -71,46 +193,141 @@ class PathwiseKL_ELBO(Trace_ELBO):
     ``num_particles`` and ``vectorize_particles`` work as in :class:`pyro.infer.Trace_ELBO` (with
     vectorised particles, give ``max_plate_nesting`` or let it be guessed once).
 
+    A site's KL is analytic only where the validity condition of the module docstring holds (the guide
+    samples every possible model parent of the site before it); elsewhere the site gets the Monte Carlo
+    log-ratio and a warning, once per site. :meth:`kl_report` lists each site's kind.
+
     :param bool analytic: use registered KLs (default). ``False`` gives the plain Monte Carlo
         :class:`~pyro.infer.Trace_ELBO` value with this class's code path, useful for comparisons.
+    :param bool strict: raise :class:`PathwiseKLValidityError` instead of warning, where a registered KL
+        fails the validity condition or a model latent has no guide site.
     """
 
-    def __init__(self, *args, analytic: bool = True, **kwargs) -> None:
+    # Distinct model/guide structures remembered; beyond this the check is recomputed (it is cheap).
+    _CACHE_SIZE = 256
+
+    def __init__(self, *args, analytic: bool = True, strict: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.analytic = analytic
+        self.strict = strict
+        self._structures: dict[tuple, tuple[dict[str, tuple[str, ...]], frozenset[str]]] = {}
+        self._warned: set[str] = set()
 
-    def _latent_terms(self, model_trace: Trace, guide_trace: Trace):
-        """Yield (name, value, surrogate, is_analytic) per latent site, each with the site's batch shape."""
+    # ------------------------------------------------------------------ the validity condition
+    def _structure(self, model_trace: Trace, guide_trace: Trace):
+        """(late parents per site, model latents missing from the guide), cached per structure."""
+        key = (_sample_names(model_trace, latent_only=True), _sample_names(guide_trace, latent_only=False))
+        found = self._structures.get(key)
+        if found is None:
+            found = (late_parents(*key), frozenset(key[0]) - frozenset(key[1]))
+            if len(self._structures) < self._CACHE_SIZE:
+                self._structures[key] = found
+        return found
+
+    def _flag(self, name: str, message: str) -> None:
+        """Raise (strict) or warn once per site."""
+        if self.strict:
+            raise PathwiseKLValidityError(message)
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _late_message(self, name: str, parents: tuple[str, ...]) -> str:
+        return (
+            f"PathwiseKL_ELBO: the analytic KL of site {name!r} would be biased: its possible model "
+            f"parent(s) {list(parents)} (sampled before {name!r} by the model) are sampled after it by the "
+            f"guide, so KL(q || p) would be taken at parent values that depend on {name!r}. This site uses "
+            f"the Monte Carlo log-ratio instead (unbiased, noisier). To keep it analytic, sample "
+            f"{list(parents)} before {name!r} in the guide; pass strict=True to make this an error."
+        )
+
+    def _missing_message(self, name: str) -> str:
+        return (
+            f"Found vars in model but not guide: {{{name!r}}}. PathwiseKL_ELBO, like Trace_ELBO, lets the "
+            f"model draw {name!r} from its own conditional and counts only log p({name}), which is not the "
+            f"ELBO of any guide; sample {name!r} in the guide (or observe it in the model)."
+        )
+
+    def kl_report(self, model, guide, *args, **kwargs) -> dict[str, SiteKind]:
+        """How each model latent enters the objective, from one trace of ``model`` and ``guide``.
+
+        Returns ``{site: SiteKind(kind, reason, late_parents)}`` with kind ``"analytic"``, ``"monte-carlo"``
+        or ``"model-only"``. Issues no warning; useful in tests ("no site falls back to Monte Carlo").
+        """
+        with torch.no_grad():
+            model_trace, guide_trace = next(iter(self._get_traces(model, guide, args, kwargs)))
+        late, missing = self._structure(model_trace, guide_trace)
+        out: dict[str, SiteKind] = {}
+        for name in _sample_names(model_trace, latent_only=True):
+            if name in missing:
+                out[name] = SiteKind("model-only", "no guide site: log p alone, Trace_ELBO's value")
+                continue
+            model_site, guide_site = model_trace.nodes[name], guide_trace.nodes[name]
+            registered = analytic_kl(model_site, guide_site) is not None
+            if not self.analytic:
+                out[name] = SiteKind("monte-carlo", "analytic=False")
+            elif not same_weighting(model_site, guide_site):
+                out[name] = SiteKind("monte-carlo", "model and guide differ in scale or mask at this site")
+            elif not registered:
+                pair = (type(guide_site["fn"]).__name__, type(model_site["fn"]).__name__)
+                out[name] = SiteKind("monte-carlo", f"no registered KL for {pair}")
+            elif late[name]:
+                why = f"possible model parent(s) {list(late[name])} sampled after it by the guide"
+                out[name] = SiteKind("monte-carlo", why, late[name])
+            else:
+                out[name] = SiteKind("analytic", "registered KL; possible model parents sampled first")
+        return out
+
+    # ------------------------------------------------------------------ the terms
+    def _terms(self, model_trace: Trace, guide_trace: Trace):
+        """Yield ``(key, value, surrogate, is_analytic)`` for every term of one particle's ELBO.
+
+        ``key`` is ``"cost/<name>"`` (observed model sites), ``"kl/<name>"`` (model latents: the analytic
+        KL with a minus sign, or the sampled log-ratio) or ``"guide/<name>"`` (guide-only sites, -log q).
+        Values and surrogates keep the site's batch shape; a surrogate may be the number 0.
+        """
+        late, missing = self._structure(model_trace, guide_trace)
         for name, model_site in model_trace.nodes.items():
-            if model_site["type"] != "sample" or model_site["is_observed"]:
+            if model_site["type"] != "sample":
+                continue
+            if model_site["is_observed"]:
+                yield f"cost/{name}", model_site["log_prob"], model_site["log_prob"], False
+                continue
+            if name in missing:
+                self._flag(name, self._missing_message(name))
+                yield f"kl/{name}", model_site["log_prob"], model_site["log_prob"], False
                 continue
             guide_site = guide_trace.nodes[name]
-            kl = analytic_kl(model_site, guide_site) if self.analytic else None
+            kl = None
+            if self.analytic and same_weighting(model_site, guide_site):
+                if not late[name]:
+                    kl = analytic_kl(model_site, guide_site)
+                elif self.strict or name not in self._warned:
+                    # Only a site that would have been analytic is flagged: elsewhere nothing changes.
+                    if analytic_kl(model_site, guide_site) is not None:
+                        self._flag(name, self._late_message(name, late[name]))
             if kl is not None:
-                yield name, -kl, -kl, True
+                yield f"kl/{name}", -kl, -kl, True
             else:
                 # Value: the sampled log-ratio. Surrogate: as Trace_ELBO, the guide enters through its
                 # entropy term (log q if reparameterised, 0 if the score function carries it).
                 value = model_site["log_prob"] - guide_site["log_prob"]
                 surrogate = model_site["log_prob"] - guide_site["score_parts"].entropy_term
-                yield name, value, surrogate, False
+                yield f"kl/{name}", value, surrogate, False
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and name not in model_trace.nodes:  # auxiliary site or guide factor
+                entropy = site["score_parts"].entropy_term
+                surrogate = 0.0 if is_identically_zero(entropy) else -entropy
+                yield f"guide/{name}", -site["log_prob"], surrogate, False
 
     def _differentiable_loss_particle(self, model_trace: Trace, guide_trace: Trace):
         elbo = surrogate = 0.0
         analytic_sites = set()
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample" and site["is_observed"]:
-                elbo = elbo + site["log_prob_sum"]
-                surrogate = surrogate + site["log_prob_sum"]
-        for name, value, surr, is_analytic in self._latent_terms(model_trace, guide_trace):
+        for key, value, surr, is_analytic in self._terms(model_trace, guide_trace):
             elbo = elbo + value.sum()
-            surrogate = surrogate + surr.sum()
+            surrogate = surrogate + _sum(surr)
             if is_analytic:
-                analytic_sites.add(name)
-        for name, site in guide_trace.nodes.items():
-            if site["type"] == "sample" and name not in model_trace.nodes:  # auxiliary guide site
-                elbo = elbo - site["log_prob_sum"]
-                surrogate = surrogate - site["score_parts"].entropy_term.sum()
+                analytic_sites.add(key[3:])
 
         log_r = None
         for name, site in guide_trace.nodes.items():
@@ -120,7 +337,7 @@ class PathwiseKL_ELBO(Trace_ELBO):
             if is_identically_zero(score):
                 continue
             if log_r is None:
-                log_r = _compute_log_r(model_trace, guide_trace)
+                log_r = _log_r(model_trace, guide_trace)
             cost = log_r.sum_to(site["cond_indep_stack"])
             if name in analytic_sites:
                 # The analytic KL of this site does not depend on its own sample.
@@ -143,19 +360,16 @@ class PathwiseKL_ELBO(Trace_ELBO):
     def per_site(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
         """One sampled path's terms, for diagnostics (no gradients).
 
-        Returns ``{"kl/z_t": KL or log-ratio term (positive = cost), "cost/x": -log p(x)}``, each summed
-        over everything but the particle dimension and divided by the number of particles; with analytic
-        KLs these are the per-step KL curves of the paper's figures.
+        Returns ``{"kl/z_t": KL or log-ratio term (positive = cost), "cost/x": -log p(x)}`` (and
+        ``"guide/<name>"``: log q of guide-only sites), each summed over everything but the particle
+        dimension and divided by the number of particles; they add up to the loss. With analytic KLs these
+        are the per-step KL curves of the paper's figures.
         """
         out: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-                for name, value, _, _ in self._latent_terms(model_trace, guide_trace):
-                    out[f"kl/{name}"] = out.get(f"kl/{name}", 0.0) - value.sum() / self.num_particles
-                for name, site in model_trace.nodes.items():
-                    if site["type"] == "sample" and site["is_observed"]:
-                        val = -site["log_prob_sum"] / self.num_particles
-                        out[f"cost/{name}"] = out.get(f"cost/{name}", 0.0) + val
+                for key, value, _, _ in self._terms(model_trace, guide_trace):
+                    out[key] = out.get(key, 0.0) - value.sum() / self.num_particles
         return out
 
     def per_datum(self, model, guide, *args, data_dim: int = 0, **kwargs) -> torch.Tensor:
@@ -176,11 +390,7 @@ class PathwiseKL_ELBO(Trace_ELBO):
         with torch.no_grad():
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
                 total = 0.0
-                for site in model_trace.nodes.values():
-                    if site["type"] == "sample" and site["is_observed"]:
-                        total = total + fold(site["log_prob"])
-                for _, value, _, _ in self._latent_terms(model_trace, guide_trace):
+                for _, value, _, _ in self._terms(model_trace, guide_trace):
                     total = total + fold(value)
                 return total
         raise RuntimeError("no trace was produced")
-

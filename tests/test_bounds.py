@@ -19,7 +19,14 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
-from inference.diagnostics import bound_ladder, check_ladder, effective_sample_size, psis_khat
+from inference.diagnostics import (
+    bound_ladder,
+    check_ladder,
+    degenerate_tails,
+    effective_sample_size,
+    khat_summary,
+    psis_khat,
+)
 from inference.importance import importance_log_likelihood
 from inference.iwae import IWAE_ELBO, log_importance_weights
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
@@ -59,18 +66,16 @@ def _elbo_samples(elbo_cls, model, guide, x, reps: int) -> torch.Tensor:
     """
     xs = x.repeat(reps, 1)
     elbo = elbo_cls()
-    model_trace, guide_trace = next(iter(elbo._get_traces(model, guide, (xs,), {})))
-    per = 0.0
-    for site in model_trace.nodes.values():
-        if site["type"] == "sample" and site["is_observed"]:
-            per = per + site["log_prob"]
     if isinstance(elbo, PathwiseKL_ELBO):
-        for _, value, _, _ in elbo._latent_terms(model_trace, guide_trace):
-            per = per + value
+        per = elbo.per_datum(model, guide, xs)
     else:
+        model_trace, guide_trace = next(iter(elbo._get_traces(model, guide, (xs,), {})))
+        per = 0.0
         for name, site in model_trace.nodes.items():
-            if site["type"] == "sample" and not site["is_observed"]:
-                per = per + site["log_prob"] - guide_trace.nodes[name]["log_prob"]
+            if site["type"] == "sample":
+                per = per + site["log_prob"]
+                if not site["is_observed"]:
+                    per = per - guide_trace.nodes[name]["log_prob"]
     return per.reshape(reps, x.shape[0]).sum(-1).detach()
 
 
@@ -281,6 +286,8 @@ def test_bound_ladder_and_diagnostics():
     assert check_ladder(ladder, tol=0.05) == []
     assert ladder["iwae"][1000] <= m.exact_log_marginal(x).mean().item() + 0.05
     assert ladder["khat"].shape == (10,) and ladder["ess"].shape == (10,)
+    # A wrong Gaussian guide: continuous weights, every tail fitted.
+    assert ladder["degenerate"].shape == (10,) and not ladder["degenerate"].any()
     assert ladder["elbo"] < ladder["iwae"][1000]
 
 
@@ -288,8 +295,10 @@ def test_psis_khat_and_ess_detect_bad_weights():
     g = torch.Generator().manual_seed(0)
     good = 0.1 * torch.randn(2000, 3, generator=g, dtype=torch.float64)
     heavy = torch.log(torch.distributions.Pareto(1.0, 0.8).sample((2000, 3)))  # infinite-mean weights
-    assert (psis_khat(good) < 0.5).all()
-    assert (psis_khat(heavy) > 0.7).all()
+    assert (psis_khat(good, sample_axis=0) < 0.5).all()
+    assert (psis_khat(heavy, sample_axis=0) > 0.7).all()
+    assert not degenerate_tails(good, sample_axis=0).any()
+    assert not degenerate_tails(heavy, sample_axis=0).any()
     ess_good, ess_heavy = effective_sample_size(good), effective_sample_size(heavy)
     assert (ess_good > 1900).all() and (ess_heavy < 500).all()
     assert torch.allclose(effective_sample_size(torch.zeros(50, 2)), torch.full((2,), 50.0))
@@ -339,8 +348,140 @@ def test_khat_backends_agree_where_both_are_installed():
     heavy = np.log(rng.pareto(1.0, size=(4000, 3)) + 1.0)
     light = 0.1 * rng.normal(size=(4000, 3))
     for lw in (heavy, light):
-        # Both fit the same generalised Pareto tail; their fitting details differ slightly.
-        assert np.allclose(_khat_arviz0(lw), _khat_arviz_stats(lw), atol=0.05)
+        # Both fit the same generalised Pareto tail; their fitting details differ slightly. Samples last.
+        assert np.allclose(_khat_arviz0(lw.T), _khat_arviz_stats(lw.T), atol=0.05)
+        assert np.allclose(psis_khat(lw, sample_axis=0), _khat_arviz0(lw.T))
+
+
+def test_psis_khat_takes_the_sample_axis_and_matches_arviz():
+    """ArviZ 0.x's psislw has samples last, (N, K); psis_khat gives its k on any axis, unchanged."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+    if not hasattr(arviz, "psislw"):
+        pytest.skip("ArviZ 1.x: no arviz.psislw to compare with")
+    rng = np.random.default_rng(2)
+    arr = np.concatenate([0.3 * rng.normal(size=(3, 1000)), np.log(rng.pareto(0.9, size=(2, 1000)) + 1.0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = arviz.psislw(arr)[1]  # (N,) = (5,)
+    assert expected.shape == (5,) and (expected[:3] < 0.5).all() and (expected[3:] > 0.7).all()
+    assert np.allclose(psis_khat(arr, sample_axis=-1), expected, rtol=0, atol=1e-12)
+    assert np.allclose(psis_khat(arr.T, sample_axis=0), expected, rtol=0, atol=1e-12)
+    assert np.allclose(psis_khat(torch.as_tensor(arr.T), sample_axis=0), expected, rtol=0, atol=1e-12)
+    # A 3-D array along its middle axis: (2, K, 5) -> (2, 5).
+    arr3 = np.stack([arr.T, arr[::-1].T])
+    k3 = psis_khat(arr3, sample_axis=1)
+    assert k3.shape == (2, 5) and np.allclose(k3, [expected, expected[::-1]], rtol=0, atol=1e-12)
+    assert degenerate_tails(arr3, sample_axis=1).shape == (2, 5)
+    # 1-D: one data point, a 0-d result.
+    k1 = psis_khat(arr[0], sample_axis=0)
+    assert k1.shape == () and float(k1) == pytest.approx(expected[0], abs=1e-12)
+    assert degenerate_tails(arr[0], sample_axis=0).shape == ()
+    with pytest.raises(ValueError, match="sample_axis"):
+        psis_khat(arr, sample_axis=2)
+
+
+@pytest.mark.parametrize("values", [[0.0], [0.0, -1.3], [0.0, -0.4, -2.0]], ids=["constant", "two", "three"])
+def test_degenerate_weights_are_their_own_category(values):
+    """Log weights with 1-3 distinct values (exact posterior guide; discrete latent): degenerate, not >0.7."""
+    import numpy as np
+
+    K, N = 1000, 4
+    g = torch.Generator().manual_seed(3)
+    lw = torch.tensor(values)[torch.randint(len(values), (K, N), generator=g)] - 12.0
+    lw = lw + 1e-13 * torch.randn(K, N, generator=g)  # round-off, as from an exact posterior guide
+    khat, deg = psis_khat(lw, sample_axis=0), degenerate_tails(lw, sample_axis=0)
+    ess = effective_sample_size(lw)
+    assert deg.all()
+    s = khat_summary(khat, deg, ess)
+    assert s["khat_frac_degenerate"] == 1.0
+    assert s["khat_frac_gt_0.7"] == 0.0 and s["khat_frac_gt_0.5"] == 0.0
+    assert math.isnan(s["khat_median"]) and math.isnan(s["khat_max"])
+    assert s["ess_mean_degenerate"] == pytest.approx(float(ess.mean()), rel=1e-12)
+    if len(values) == 1:
+        assert s["ess_mean_degenerate"] == pytest.approx(K, rel=1e-9)
+    # Beside continuous weights: heavy-tailed still counts as unreliable, light-tailed as good.
+    heavy = torch.log(torch.distributions.Pareto(1.0, 0.8).sample((K, 1)))
+    light = 0.1 * torch.randn(K, 1, generator=g, dtype=torch.float64)
+    mixed = torch.cat([lw, heavy, light], 1)  # 6 points: 4 degenerate, 1 heavy, 1 light
+    khat, deg = psis_khat(mixed, sample_axis=0), degenerate_tails(mixed, sample_axis=0)
+    assert deg.tolist() == [True] * 4 + [False, False]
+    assert khat[4] > 0.7 and khat[5] < 0.5
+    s = khat_summary(khat, deg, effective_sample_size(mixed))
+    assert s["khat_frac_degenerate"] == pytest.approx(4 / 6)
+    assert s["khat_frac_gt_0.7"] == pytest.approx(1 / 6) and s["khat_frac_gt_0.5"] == pytest.approx(1 / 6)
+    assert s["khat_max"] == pytest.approx(khat[4]) and s["khat_median"] == pytest.approx(np.median(khat[4:]))
+
+
+def test_khat_summary_old_call_counts_non_finite_as_degenerate():
+    import numpy as np
+
+    s = khat_summary(np.array([0.2, 0.6, 0.9, np.inf, np.nan]))
+    assert s["khat_frac_degenerate"] == pytest.approx(0.4)
+    assert s["khat_frac_gt_0.7"] == pytest.approx(0.2) and s["khat_frac_gt_0.5"] == pytest.approx(0.4)
+    assert s["khat_median"] == pytest.approx(0.6) and s["khat_max"] == pytest.approx(0.9)
+    assert math.isnan(s["ess_mean_degenerate"])  # no ESS given
+    # ESS given but no degenerate point: nan.
+    s = khat_summary(np.array([0.3]), np.array([False]), np.array([7.0]))
+    assert math.isnan(s["ess_mean_degenerate"]) and s["khat_frac_degenerate"] == 0.0
+
+
+def test_exact_posterior_guide_is_degenerate_not_unreliable():
+    """Constant log weights (up to round-off): every point degenerate, ESS = K, none counted as > 0.7."""
+    m = LinearGaussianChain(latent_dim=2, obs_dim=3, num_steps=3)
+    x = m.sample(6)
+    guide = functools.partial(m.guide, params=m.exact_guide_params())
+    K = 200
+    est = importance_log_likelihood(m.model, guide, x, num_samples=K, chunk_size=100, batch_size=4)
+    assert est.degenerate.dtype == bool and est.degenerate.shape == (6,) and est.degenerate.all()
+    s = est.summary()
+    assert s["khat_frac_degenerate"] == 1.0 and s["khat_frac_gt_0.7"] == 0.0 and s["khat_frac_gt_0.5"] == 0.0
+    assert s["ess_mean_degenerate"] == pytest.approx(K, rel=1e-9)
+    off = importance_log_likelihood(m.model, guide, x, num_samples=K, chunk_size=100, diagnostics=False)
+    assert not off.degenerate.any() and math.isnan(off.summary()["khat_frac_degenerate"])
+
+
+def test_experiment_tables_show_the_degenerate_category_and_read_old_results():
+    """draw's and imputation_table's markdown show "fraction (ESS)" of degenerate points, and "n/a" for
+    results written before the category existed (the committed results/ files, read back by --resume)."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from experiments import draw, imputation_table
+    from experiments.common import degenerate_cell
+    from experiments.vae import render_markdown
+
+    root = Path(__file__).resolve().parents[1] / "results"
+    old = [json.loads((root / "draw-cpu" / v / "result.json").read_text()) for v in ("open-loop", "vae")]
+    for r in old:  # as written before the category existed
+        for stage in ("raw", "finetuned"):
+            for key in ("khat_frac_degenerate", "ess_mean_degenerate"):
+                r.get(stage, {}).get("iwae", {}).pop(key, None)
+    table = draw.render_table(old)
+    assert "degenerate (ESS)" in table and "% / n/a" in table
+    new = copy.deepcopy(old)
+    new[0]["raw"]["iwae"].update({"khat_frac_degenerate": 0.25, "ess_mean_degenerate": 4987.6})
+    assert "25 % (ESS 4988)" in draw.render_table(new)
+
+    assert degenerate_cell({}) == "n/a" and degenerate_cell({"khat_frac_degenerate": "nan"}) == "n/a"
+    assert degenerate_cell({"khat_frac_degenerate": 0.0, "ess_mean_degenerate": "nan"}) == "0.00"
+    cell = {"iw_estimate": {"khat_median": 0.81, "khat_frac_gt_0.7": 0.6}}
+    assert imputation_table.khat_cell(cell) == "0.81 / 0.60 / n/a"
+    cell["iw_estimate"].update({"khat_frac_degenerate": 0.1, "ess_mean_degenerate": 12.0})
+    assert imputation_table.khat_cell(cell) == "0.81 / 0.60 / 0.10 (ESS 12)"
+    t = json.loads((root / "imputation-cpu" / "table.json").read_text())
+    md = imputation_table.render(t["config"], t["cells"], t["masks"], t["methods"], [], root / "nowhere")
+    assert "fraction degenerate (their mean ESS)" in md and " / n/a |" in md
+
+    vae = json.loads((root / "vae-fashion" / "results.json").read_text())
+    vae["test"]["importance_sampling"].pop("khat_frac_degenerate", None)
+    assert "fraction degenerate: n/a (their ESS mean n/a)" in render_markdown(vae)
 
 
 def test_per_step_curves_add_up_to_the_bound():
