@@ -52,6 +52,7 @@ from experiments.common import (
     add_common_args,
     batched,
     degenerate_cell,
+    fmt_or_na,
     load_presets,
     markdown_table,
     output_dir,
@@ -238,11 +239,6 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(d.mean()), float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
 
 
-def _num(value: Any, spec: str) -> str:
-    # JSON keeps NaN (k-hat of too few samples) as a string; show it as n/a.
-    return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
-
-
 def render_table(results: list[dict[str, Any]]) -> str:
     """The markdown table: bound and IWAE estimate, raw and fine-tuned, k-hat, and paired differences to the
     VAE where the VAE was run."""
@@ -257,8 +253,8 @@ def render_table(results: list[dict[str, Any]]) -> str:
                 continue
             row += [f"{s['bound']['nll']:.2f} ± {s['bound']['stderr']:.2f}",
                     f"{s['iwae']['nll']:.2f} ± {s['iwae']['stderr']:.2f}",
-                    f"{_num(s['iwae']['khat_median'], '.2f')} / "
-                    f"{_num(100 * s['iwae']['khat_frac_gt_0.7'], '.0f')} % / "
+                    f"{fmt_or_na(s['iwae']['khat_median'], '.2f')} / "
+                    f"{fmt_or_na(100 * s['iwae']['khat_frac_gt_0.7'], '.0f')} % / "
                     f"{degenerate_cell(s['iwae'], percent=True)}"]
         if vae is not None and r is not vae:
             stage = "finetuned" if "finetuned" in r and "finetuned" in vae else "raw"

@@ -18,8 +18,10 @@ sites is an error that names the plates found and the argument to pass. Every sa
 observed, model or guide) must sit inside the data plate, or the weights do not split per data point. The
 K particles live in an extra plate (``"iw_particles"``) to the left of all the model's plates, so the model
 and guide must broadcast as Pyro models do (the requirement of ``vectorize_particles=True``); a model that
-does not is reported as such. Every model latent needs a guide site (its proposal): a model latent the guide
-does not sample is an error, since log p - log q is then no importance weight.
+does not is reported as such. Every model latent needs a guide site (its proposal) and every guide latent
+a model density: a model latent the guide does not sample, or an auxiliary guide latent, is an error, since
+log p - log q is then no importance weight (with an auxiliary variable of C states, E[w] = C·p(x)). Guide
+``pyro.factor`` terms enter with -log q, as in Trace_ELBO; ``pyro.deterministic`` records are skipped.
 
 Log weights are computed from unscaled log-densities with the masks applied; a ``poutine.scale``
 factor (e.g. N/B under subsampling) multiplies the per-data-point bound *outside* the log-mean-exp,
@@ -38,6 +40,8 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import warn_if_nan
+
+from inference.pathwise_kl_elbo import same_factor
 
 PARTICLE_PLATE = "iw_particles"
 
@@ -65,12 +69,19 @@ def _vectorised_frames(site: dict) -> list:
     return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE]
 
 
+def _scored(site: dict) -> bool:
+    """A sample site that enters the weights: not a plate's subsample site, not a ``pyro.deterministic``
+    record (Pyro stores those as observed sites whose log-density is 0)."""
+    return (site["type"] == "sample" and not site_is_subsample(site)
+            and not site["infer"].get("_deterministic"))
+
+
 def infer_data_plate(model_trace) -> str:
     """The outermost vectorised plate shared by every observed site of ``model_trace`` (see module doc)."""
     observed = {
         name: [f.name for f in _vectorised_frames(site)]
         for name, site in model_trace.nodes.items()
-        if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+        if _scored(site) and site["is_observed"]
     }
     if not observed:
         raise ValueError("importance weights need an observed site in the model (obs=...); found none")
@@ -78,10 +89,13 @@ def infer_data_plate(model_trace) -> str:
     shared = [p for p in next(iter(observed.values())) if all(p in stack for stack in observed.values())]
     if not shared:
         where = ", ".join(f"{name!r} in {stack}" for name, stack in observed.items())
+        sequential = sorted({f.name for site in model_trace.nodes.values() if site["type"] == "sample"
+                             for f in site["cond_indep_stack"] if not f.vectorized})
         raise ValueError(
             f"cannot infer which plate indexes data points: no vectorised plate is shared by all observed "
-            f"sites ({where}). Pass data_plate='<plate name>' (plates found: {plates}), or data_plate=None "
-            f"to treat the whole batch as one data point."
+            f"sites ({where}). Pass data_plate='<plate name>' (vectorised plates found: {plates}"
+            + (f"; sequential plates {sequential} cannot index data points" if sequential else "")
+            + "), or data_plate=None to treat the whole batch as one data point."
         )
     orders = {tuple(p for p in stack if p in shared) for stack in observed.values()}
     if len(orders) > 1:
@@ -117,12 +131,6 @@ def _data_dim(site: dict, data_plate: str | None) -> int | None:
         if frame.name == data_plate:
             return frame.dim
     return None
-
-
-def _same_scale(a, b) -> bool:
-    if torch.is_tensor(a) or torch.is_tensor(b):
-        return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
-    return a == b
 
 
 def log_importance_weights(
@@ -161,15 +169,21 @@ def log_importance_weights(
         ) from e
     guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
 
-    model_observed = {n for n, s in model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]}
-    missing = [
-        n for n, s in model_trace.nodes.items()
-        if s["type"] == "sample" and not s["is_observed"] and n not in guide_trace.nodes
-    ]
+    model_latent = {n for n, s in model_trace.nodes.items() if _scored(s) and not s["is_observed"]}
+    missing = [n for n in model_latent if n not in guide_trace.nodes]
     if missing:
         raise ValueError(
             f"model latent site(s) {missing} are not sampled by the guide: an importance weight needs a "
             f"proposal density for every latent. Sample them in the guide (or observe them in the model)."
+        )
+    auxiliary = [n for n, s in guide_trace.nodes.items()
+                 if _scored(s) and not s["is_observed"] and n not in model_latent]
+    if auxiliary:
+        raise ValueError(
+            f"guide site(s) {auxiliary} are not latents of the model (auxiliary guide variables): the model "
+            f"has no density for them, so p/q is no importance weight of p(x) and IWAE-K would not bound "
+            f"log p(x) (it grows without limit in K). Marginalise them out of the guide, or train with "
+            f"PathwiseKL_ELBO / Trace_ELBO."
         )
     if data_plate == AUTO:
         data_plate = infer_data_plate(model_trace)
@@ -180,8 +194,8 @@ def log_importance_weights(
     scales = []
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
         for name, site in trace.nodes.items():
-            # Guide sites enter with -log q, except observations the model also scores.
-            if site["type"] != "sample" or (trace is guide_trace and name in model_observed):
+            # Every guide site enters with -log q (guide-side pyro.factor terms included), as in Trace_ELBO.
+            if not _scored(site):
                 continue
             lp = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
             if lp.dim() > nesting:
@@ -200,7 +214,7 @@ def log_importance_weights(
             f"these are not: {outside}. Pass data_plate=None to treat the whole batch as one data point."
         )
     scale = scales[0][1] if scales else 1.0
-    differ = [f"{name!r}: {s}" for name, s in scales if not _same_scale(s, scale)]
+    differ = [f"{name!r}: {s}" for name, s in scales if not same_factor(s, scale)]
     if differ:
         raise ValueError(
             f"importance weights need one poutine.scale factor shared by every site (it multiplies the "
@@ -262,8 +276,16 @@ def iter_log_weights(
                 )
                 chunks.append(lw.cpu())
                 done += k
+            lw = torch.cat(chunks, 0)
+            if lw.shape[1] != rows.stop - rows.start:
+                raise ValueError(
+                    f"a batch of {rows.stop - rows.start} rows of the data gave {lw.shape[1]} importance "
+                    f"weights per sample: data sets are split along their first dimension, so the data plate "
+                    f"(data_plate={data_plate!r}) must index dim 0 of the data, one data point a row. Pass "
+                    f"data_plate='<the plate over rows>', or put the data points first."
+                )
             bar.update(rows.stop - rows.start)
-            yield rows, torch.cat(chunks, 0)
+            yield rows, lw
         bar.close()
 
 

@@ -17,8 +17,8 @@ Sec. 9.1).
 order, t = 0..T, so the history z_{<t} that q_t conditions on contains everything p_t conditions on. The
 analytic term KL(q_t(· | h_t) || p_t(· | pa_p(z_t))), with h_t the guide's history when it samples z_t and
 pa_p(z_t) the model's parents of z_t, equals the conditional expectation of the sampled log-ratio
-log q_t(z_t | h_t) - log p_t(z_t | pa_p(z_t)) given h_t **only if pa_p(z_t) ⊆ h_t**: every model parent
-of z_t has been sampled by the guide *before* z_t. When a parent is sampled after z_t (and from it), the
+log q_t(z_t | h_t) - log p_t(z_t | pa_p(z_t)) given h_t **if pa_p(z_t) ⊆ h_t**: every model parent of
+z_t has been sampled by the guide *before* z_t. When a parent is sampled after z_t (and from it), the
 KL is evaluated at a parent value that already depends on z_t and the estimate is biased: for the model
 x ~ N(0, 1), y | x ~ N(x, 1), o | y ~ N(y, 1) (o observed) and the guide y ~ N(a, s²), x | y ~ N(b y + c,
 t²), the bias is b s² nats. Guides that run in another order than their model (a heating guide against a
@@ -29,8 +29,12 @@ z_t counts as a possible parent of z_t (it may reach p_t through any computation
 only if the guide samples all of those before z_t. The check needs no dependency tracking (which can lose
 edges through ``.item()`` or Python control flow, and so could wrongly approve a site); its price is that a
 guide that reorders latents the model treats as independent loses Rao-Blackwellisation at those sites. It
-is computed once per model/guide structure (the sequence of site names of both traces) and cached, so a
-training step pays one dictionary look-up; it runs whether or not Pyro's validation is enabled. A site that
+is computed once per model/guide structure (the sequences of site names of both traces) and cached, so a
+training step only collects the two name sequences and looks them up (well under a millisecond, against
+tens to hundreds of milliseconds for the networks of a step); it runs whether or not Pyro's validation is
+enabled. A model latent that the guide does not sample is drawn by the model after the guide has run, from
+its own model parents, so it depends on z_t only through parents that the check already covers: it never
+counts as late. A site that
 fails it falls back to the Monte Carlo log-ratio (always unbiased) and a warning names the site and the
 parent, once per objective; ``strict=True`` raises instead. :meth:`PathwiseKL_ELBO.kl_report` says, per
 site, which kind of term it gets and why.
@@ -63,6 +67,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from pyro.distributions import MaskedDistribution
@@ -100,7 +105,8 @@ def _dist_masks(fn) -> list:
         fn = fn.base_dist
 
 
-def _same(a, b) -> bool:
+def same_factor(a, b) -> bool:
+    """Whether two scale or mask values (numbers, bools, tensors, None) are the same factor."""
     if a is b:
         return True
     if torch.is_tensor(a) or torch.is_tensor(b):
@@ -113,13 +119,18 @@ def same_weighting(model_site: dict, guide_site: dict) -> bool:
 
     Only then is E_q[s·m·(log q - log p)] the scaled, masked KL: with a mask or scale on one side only,
     Trace_ELBO's value keeps the other side's term (e.g. -log q where only the model is masked), which no
-    KL gives, so such a site is Monte Carlo.
+    KL gives, so such a site is Monte Carlo. A site mask of None and of True are the same (no mask).
     """
-    for key in ("scale", "mask"):
-        if not _same(model_site[key], guide_site[key]):
-            return False
+    if not same_factor(model_site["scale"], guide_site["scale"]):
+        return False
+    if not same_factor(_no_none(model_site["mask"]), _no_none(guide_site["mask"])):
+        return False
     pm, qm = _dist_masks(model_site["fn"]), _dist_masks(guide_site["fn"])
-    return len(pm) == len(qm) and all(_same(a, b) for a, b in zip(pm, qm, strict=True))
+    return len(pm) == len(qm) and all(same_factor(a, b) for a, b in zip(pm, qm, strict=True))
+
+
+def _no_none(mask):
+    return True if mask is None else mask
 
 
 def analytic_kl(model_site: dict, guide_site: dict) -> torch.Tensor | None:
@@ -149,23 +160,26 @@ def _sample_names(trace: Trace, latent_only: bool) -> tuple[str, ...]:
 
 
 def late_parents(model_latents: tuple[str, ...], guide_sites: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """The order check: for each model latent, the possible model parents the guide samples after it.
+    """The order check: for each model latent the guide samples, the possible model parents it samples later.
 
     ``model_latents`` are the model's latent sites in the model's order, ``guide_sites`` the guide's sample
     sites in the guide's order. A possible parent of z_t is any model latent sampled before z_t by the
-    model; it is *late* if the guide samples it after z_t or not at all. Model latents that the guide does
-    not sample are left out of the result (they have no guide term).
+    model; it is *late* if the guide samples it after z_t. A model latent that the guide does not sample is
+    never late (the model draws it from its own parents, see the module docstring) and has no entry.
     """
     guide_pos = {name: i for i, name in enumerate(guide_sites)}
-    never = len(guide_sites)
     out = {}
     for i, name in enumerate(model_latents):
-        if name not in guide_pos:
-            continue
-        at = guide_pos[name]
-        out[name] = tuple(p for p in model_latents[:i] if guide_pos.get(p, never) > at)
+        if name in guide_pos:
+            at = guide_pos[name]
+            out[name] = tuple(p for p in model_latents[:i] if guide_pos.get(p, -1) > at)
     return out
 
+
+@lru_cache(maxsize=256)
+def _structure_of(model_latents: tuple[str, ...], guide_sites: tuple[str, ...]):
+    """(late parents per site, model latents missing from the guide) of one model/guide structure."""
+    return late_parents(model_latents, guide_sites), frozenset(model_latents) - frozenset(guide_sites)
 
 def _log_r(model_trace: Trace, guide_trace: Trace) -> MultiFrameTensor:
     """Trace_ELBO's plate-aware log p - log q per site (detached), for score-function costs; a model latent
@@ -203,26 +217,33 @@ class PathwiseKL_ELBO(Trace_ELBO):
         fails the validity condition or a model latent has no guide site.
     """
 
-    # Distinct model/guide structures remembered; beyond this the check is recomputed (it is cheap).
-    _CACHE_SIZE = 256
-
     def __init__(self, *args, analytic: bool = True, strict: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.analytic = analytic
         self.strict = strict
-        self._structures: dict[tuple, tuple[dict[str, tuple[str, ...]], frozenset[str]]] = {}
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ the validity condition
-    def _structure(self, model_trace: Trace, guide_trace: Trace):
+    @staticmethod
+    def _structure(model_trace: Trace, guide_trace: Trace):
         """(late parents per site, model latents missing from the guide), cached per structure."""
-        key = (_sample_names(model_trace, latent_only=True), _sample_names(guide_trace, latent_only=False))
-        found = self._structures.get(key)
-        if found is None:
-            found = (late_parents(*key), frozenset(key[0]) - frozenset(key[1]))
-            if len(self._structures) < self._CACHE_SIZE:
-                self._structures[key] = found
-        return found
+        return _structure_of(_sample_names(model_trace, latent_only=True),
+                             _sample_names(guide_trace, latent_only=False))
+
+    def _decide(self, model_site: dict, guide_site: dict, late: tuple[str, ...], check_late: bool):
+        """(kind, analytic KL or None) of one model latent the guide samples. Kinds: "analytic", "off"
+        (analytic=False), "weighting" (scale or masks differ), "unregistered" (no closed form), "late"
+        (a registered KL that fails the order check), "unchecked" (late; registration not looked up)."""
+        if not self.analytic:
+            return "off", None
+        if not same_weighting(model_site, guide_site):
+            return "weighting", None
+        if late:
+            if not check_late:
+                return "unchecked", None
+            return ("late" if analytic_kl(model_site, guide_site) is not None else "unregistered"), None
+        kl = analytic_kl(model_site, guide_site)
+        return ("analytic", kl) if kl is not None else ("unregistered", None)
 
     def _flag(self, name: str, message: str) -> None:
         """Raise (strict) or warn once per site."""
@@ -252,7 +273,8 @@ class PathwiseKL_ELBO(Trace_ELBO):
         """How each model latent enters the objective, from one trace of ``model`` and ``guide``.
 
         Returns ``{site: SiteKind(kind, reason, late_parents)}`` with kind ``"analytic"``, ``"monte-carlo"``
-        or ``"model-only"``. Issues no warning; useful in tests ("no site falls back to Monte Carlo").
+        or ``"model-only"``. Raises and warns nothing of its own (Pyro's validation may still warn); useful
+        in tests ("no site falls back to Monte Carlo").
         """
         with torch.no_grad():
             model_trace, guide_trace = next(iter(self._get_traces(model, guide, args, kwargs)))
@@ -263,19 +285,19 @@ class PathwiseKL_ELBO(Trace_ELBO):
                 out[name] = SiteKind("model-only", "no guide site: log p alone, Trace_ELBO's value")
                 continue
             model_site, guide_site = model_trace.nodes[name], guide_trace.nodes[name]
-            registered = analytic_kl(model_site, guide_site) is not None
-            if not self.analytic:
-                out[name] = SiteKind("monte-carlo", "analytic=False")
-            elif not same_weighting(model_site, guide_site):
-                out[name] = SiteKind("monte-carlo", "model and guide differ in scale or mask at this site")
-            elif not registered:
-                pair = (type(guide_site["fn"]).__name__, type(model_site["fn"]).__name__)
-                out[name] = SiteKind("monte-carlo", f"no registered KL for {pair}")
-            elif late[name]:
+            kind, _ = self._decide(model_site, guide_site, late[name], check_late=True)
+            if kind == "analytic":
+                out[name] = SiteKind("analytic", "registered KL; possible model parents sampled first")
+            elif kind == "late":
                 why = f"possible model parent(s) {list(late[name])} sampled after it by the guide"
                 out[name] = SiteKind("monte-carlo", why, late[name])
+            elif kind == "unregistered":
+                pair = (type(guide_site["fn"]).__name__, type(model_site["fn"]).__name__)
+                out[name] = SiteKind("monte-carlo", f"no registered KL for {pair}")
+            elif kind == "weighting":
+                out[name] = SiteKind("monte-carlo", "model and guide differ in scale or mask at this site")
             else:
-                out[name] = SiteKind("analytic", "registered KL; possible model parents sampled first")
+                out[name] = SiteKind("monte-carlo", "analytic=False")
         return out
 
     # ------------------------------------------------------------------ the terms
@@ -298,14 +320,11 @@ class PathwiseKL_ELBO(Trace_ELBO):
                 yield f"kl/{name}", model_site["log_prob"], model_site["log_prob"], False
                 continue
             guide_site = guide_trace.nodes[name]
-            kl = None
-            if self.analytic and same_weighting(model_site, guide_site):
-                if not late[name]:
-                    kl = analytic_kl(model_site, guide_site)
-                elif self.strict or name not in self._warned:
-                    # Only a site that would have been analytic is flagged: elsewhere nothing changes.
-                    if analytic_kl(model_site, guide_site) is not None:
-                        self._flag(name, self._late_message(name, late[name]))
+            # Only a site that would have been analytic is flagged (once; always when strict).
+            kind, kl = self._decide(model_site, guide_site, late[name],
+                                    check_late=self.strict or name not in self._warned)
+            if kind == "late":
+                self._flag(name, self._late_message(name, late[name]))
             if kl is not None:
                 yield f"kl/{name}", -kl, -kl, True
             else:
@@ -315,7 +334,8 @@ class PathwiseKL_ELBO(Trace_ELBO):
                 surrogate = model_site["log_prob"] - guide_site["score_parts"].entropy_term
                 yield f"kl/{name}", value, surrogate, False
         for name, site in guide_trace.nodes.items():
-            if site["type"] == "sample" and name not in model_trace.nodes:  # auxiliary site or guide factor
+            # Guide sites that are no model latent (auxiliary sites, guide factors): -log q, as Trace_ELBO.
+            if site["type"] == "sample" and name not in late and not site_is_subsample(site):
                 entropy = site["score_parts"].entropy_term
                 surrogate = 0.0 if is_identically_zero(entropy) else -entropy
                 yield f"guide/{name}", -site["log_prob"], surrogate, False

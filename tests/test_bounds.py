@@ -35,14 +35,7 @@ from ppl_models.linear_gaussian import GuideParams, LinearGaussianChain
 Z = 5.0  # standard errors allowed for every Monte Carlo comparison
 
 
-@pytest.fixture(autouse=True)
-def _float64_and_seed():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.set_rng_seed(0)
-    pyro.clear_param_store()
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_and_seed")
 
 
 def _perturbed(p: GuideParams, amount: float = 1.0) -> GuideParams:
