@@ -14,7 +14,7 @@ from typing import Any
 import pyro
 import torch
 
-from inference.train import Trainer, atomic_write
+from inference.train import ExtraTerm, Trainer, atomic_write
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -182,12 +182,17 @@ def batched(fn: Callable[..., Any], *tensors: torch.Tensor, batch_size: int) -> 
 def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torch.Tensor],
                config: dict[str, Any], train_data: torch.Tensor, transform: Callable | None,
                valid: tuple[torch.Tensor, ...], out: Path, device: str, resume: bool,
-               progress: bool) -> dict[str, Any]:
+               progress: bool, extras: Sequence[ExtraTerm] = ()) -> dict[str, Any]:
     """Train ``module``'s model/guide on ``loss`` (``transform`` makes each minibatch, e.g. dynamic
     binarisation and a fresh mask), score the validation tensors after every epoch with ``batch_nll(*rows)``
     (a block's summed NLL bound), and load the weights of the best epoch. ``config["train"]`` holds epochs,
     batch_size, lr, lr_final (per-step decay), clip_norm (global norm) and optional betas. Returns the epochs
-    run, the evaluated epoch, its validation NLL bound per image and the number of updates."""
+    run, the evaluated epoch, its validation NLL bound per image and the number of updates. ``extras`` are
+    :class:`inference.train.ExtraTerm` hooks (networks with their own optimisers, and optional generator
+    terms), trained beside the model in this Pyro-optimiser mode as in any other.
+
+    Gradient clipping, the one rule: the global L2 norm of the gradient of the batch-summed loss over all
+    parameters the step updates is clipped to ``clip_norm`` (Trainer), never element-wise."""
     t = config["train"]
 
     def evaluate(epoch: int) -> dict[str, float]:
@@ -205,7 +210,7 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
                                 "clip_norm": 1e12}),
         train_data=train_data, batch_size=t["batch_size"], epochs=t["epochs"], seed=config["seed"],
         device=device, out_dir=out, transform=transform, evaluate=evaluate, progress=progress,
-        clip_norm=t["clip_norm"], keep_best="valid_bound",
+        clip_norm=t["clip_norm"], keep_best="valid_bound", extras=extras,
     )
     metrics = trainer.fit(resume=resume)
     best = trainer.load_best()

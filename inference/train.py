@@ -14,7 +14,8 @@ Design
 * *SVI mode* -- a :class:`pyro.optim.PyroOptim` (e.g. ``pyro.optim.ClippedAdam({"lr": 1e-3})``).
   A step is :meth:`pyro.infer.SVI.step` (``loss.loss_and_grads`` under a param-only trace, then the
   lazily created per-parameter optimisers), except that the loss is checked to be finite *before* the
-  optimiser touches the parameters. Parameters created with ``pyro.param`` outside the module are
+  optimiser touches the parameters, and the hooks' :meth:`ExtraTerm.generator_loss` terms are
+  back-propagated into the same gradients first. Parameters created with ``pyro.param`` outside the module are
   trained and checkpointed too.
 * *Differentiable-loss mode* -- a factory ``lambda params: torch.optim.Adam(params, lr=1e-3)``, called
   once with ``module.parameters()``. A step computes ``loss.differentiable_loss(model, guide, *batch)``
@@ -65,13 +66,11 @@ Example::
                       out_dir="runs/vae_gan", extras=[MyDiscriminator(vae)], clip_norm=10.0)
 """
 
-import contextlib
 import json
 import math
 import os
 import random
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Union
@@ -85,6 +84,15 @@ from pyro.infer.util import torch_item, zero_grads
 from pyro.optim import PyroOptim
 from torch import nn
 from tqdm.auto import tqdm
+
+from inference.checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    atomic_write,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
     "BEST_NAME",
@@ -100,9 +108,6 @@ __all__ = [
     "save_checkpoint",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-BEST_NAME = "best.pt"
-METRICS_NAME = "metrics.jsonl"
 _FORMAT_VERSION = 1
 _RESERVED_METRICS = ("epoch", "step", "train_loss", "seconds")
 
@@ -164,9 +169,14 @@ class ExtraTerm:
 
     def generator_loss(self, batch: Batch) -> torch.Tensor | None:
         """
-        An optional scalar added to the main differentiable loss (differentiable-loss mode only),
-        e.g. an adversarial term for the generator. It is added as is: scale it consistently with the
-        summed-over-batch ELBO. Return ``None`` for no term.
+        An optional scalar added to the main loss, e.g. an adversarial or collaborative term for the
+        generator. It is added as is: scale it consistently with the summed-over-batch ELBO. Return
+        ``None`` for no term. Its gradient reaches the main parameters in both modes: in
+        differentiable-loss mode it is added to the loss before ``backward``; in SVI mode it is
+        back-propagated into the same gradients after ``loss_and_grads``, before the Pyro optimiser
+        steps the parameters the model and guide registered (so a parameter that only this term uses
+        must be registered with ``pyro.module`` in the model or guide to be trained). Gradients it
+        leaves in this hook's own networks are cleared before :meth:`step`.
         """
         return None
 
@@ -183,45 +193,6 @@ class ExtraTerm:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> None:
-    """
-    Write a file atomically: ``write(f)`` fills a temporary file in the same directory, which is
-    flushed and fsynced, then :func:`os.replace`\\ d onto ``path``. If anything fails (or the process
-    is killed) the previous file at ``path`` is left intact; on an exception the temporary file is
-    removed.
-    """
-    path = Path(path)
-    fd, tmp = _open_temp(path)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Atomically write ``state`` with :func:`torch.save` (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(dict(state), f))
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """
-    Load a checkpoint written by :func:`save_checkpoint`. ``map_location`` defaults to CPU, which
-    keeps RNG states loadable; module and optimiser ``load_state_dict`` move tensors to the right
-    device. Uses ``weights_only=False``: only load files you trust.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint found at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
 
 
 class Trainer:
@@ -275,34 +246,12 @@ class Trainer:
         checkpoint_every_steps: int | None = None,
         keep_best: str | None = None,
     ):
-        if not callable(model) or not callable(guide):
-            raise TypeError("model and guide must be callables")
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-        if not isinstance(loss, ELBO):
-            raise TypeError(f"loss must be a pyro.infer.ELBO instance, got {type(loss).__name__}")
-        _check_int("batch_size", batch_size, minimum=1)
-        _check_int("epochs", epochs, minimum=0)
-        _check_int("seed", seed, minimum=None)
-        if checkpoint_every_steps is not None:
-            _check_int("checkpoint_every_steps", checkpoint_every_steps, minimum=1)
-        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
-            raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
-        for fn_name, fn in (("transform", transform), ("evaluate", evaluate)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{fn_name} must be callable or None")
-
-        self.model = model
-        self.guide = guide
-        self.module = module
-        self.loss = loss
-        self.batch_size = batch_size
-        self.epochs = epochs
-        self.seed = seed
-        self.transform = transform
-        self.evaluate = evaluate
-        self.progress = progress
-        self.clip_norm = clip_norm
+        _check_arguments(model, guide, module, loss, batch_size, epochs, seed, transform, evaluate, clip_norm,
+                         checkpoint_every_steps, keep_best)
+        self.model, self.guide, self.module, self.loss = model, guide, module, loss
+        self.batch_size, self.epochs, self.seed = batch_size, epochs, seed
+        self.transform, self.evaluate, self.progress = transform, evaluate, progress
+        self.clip_norm, self.keep_best = clip_norm, keep_best
         self.checkpoint_every_steps = checkpoint_every_steps
         self.device = _resolve_device(device)
         self._data, self._data_is_tuple = _check_data(train_data)
@@ -315,51 +264,14 @@ class Trainer:
             raise ValueError(f"cannot create out_dir {self.out_dir}: {e}") from e
         self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
         self.best_path = self.out_dir / BEST_NAME
-        if keep_best is not None and evaluate is None:
-            raise ValueError(f"keep_best={keep_best!r} needs an evaluate(epoch) callback that returns it")
-        self.keep_best = keep_best
-        self._best_value = -math.inf
         self.metrics_path = self.out_dir / METRICS_NAME
+        self._best_value = -math.inf
 
         self.module.to(self.device)
-        self.extras = list(extras)
-        self._check_extras()
+        self.extras = _checked_extras(extras, module)
         for extra in self.extras:
             extra.module.to(self.device)
-
-        if isinstance(optimizer, PyroOptim):
-            self.mode = "svi"
-            self.pyro_optim: PyroOptim | None = optimizer
-            self.optimizer: torch.optim.Optimizer | None = None
-            overriding = [_extra_name(e) for e in self.extras if _overrides_generator_loss(e)]
-            if overriding:
-                raise ValueError(
-                    f"ExtraTerm.generator_loss is only supported in differentiable-loss mode (pass an "
-                    f"optimiser factory instead of a PyroOptim); hooks defining it: {overriding}"
-                )
-        elif isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                "pass a factory such as `lambda params: torch.optim.Adam(params, lr=1e-3)` rather than "
-                "an optimiser instance: the trainer builds it from module.parameters() on the device"
-            )
-        elif callable(optimizer):
-            self.mode = "diff"
-            if not callable(getattr(loss, "differentiable_loss", None)):
-                raise TypeError(
-                    f"{type(loss).__name__} has no differentiable_loss(); use it in SVI mode (PyroOptim)"
-                )
-            self.pyro_optim = None
-            self.optimizer = optimizer(self.module.parameters())
-            if not isinstance(self.optimizer, torch.optim.Optimizer):
-                raise TypeError(
-                    f"the optimizer factory must return a torch.optim.Optimizer, "
-                    f"got {type(self.optimizer).__name__}"
-                )
-        else:
-            raise TypeError(
-                "optimizer must be a pyro.optim.PyroOptim (SVI mode) or a callable "
-                f"params -> torch.optim.Optimizer (differentiable-loss mode), got {type(optimizer).__name__}"
-            )
+        self.mode, self.pyro_optim, self.optimizer = self._build_optimizer(optimizer)
 
         # Fresh-run seeding; fit(resume=True) overwrites all of it from the checkpoint.
         pyro.set_rng_seed(seed)
@@ -373,6 +285,31 @@ class Trainer:
         self._has_checkpoint = False  # a checkpoint of *this* run exists on disk
         self._params_checked = False
         self._fitted = False
+
+    def _build_optimizer(self, optimizer: PyroOptim | OptimizerFactory):
+        """(mode, PyroOptim or None, torch optimiser or None) from the ``optimizer`` argument."""
+        if isinstance(optimizer, PyroOptim):
+            return "svi", optimizer, None
+        if isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "pass a factory such as `lambda params: torch.optim.Adam(params, lr=1e-3)` rather than "
+                "an optimiser instance: the trainer builds it from module.parameters() on the device"
+            )
+        if not callable(optimizer):
+            raise TypeError(
+                "optimizer must be a pyro.optim.PyroOptim (SVI mode) or a callable "
+                f"params -> torch.optim.Optimizer (differentiable-loss mode), got {type(optimizer).__name__}"
+            )
+        if not callable(getattr(self.loss, "differentiable_loss", None)):
+            raise TypeError(
+                f"{type(self.loss).__name__} has no differentiable_loss(); use it in SVI mode (PyroOptim)"
+            )
+        built = optimizer(self.module.parameters())
+        if not isinstance(built, torch.optim.Optimizer):
+            raise TypeError(
+                f"the optimizer factory must return a torch.optim.Optimizer, got {type(built).__name__}"
+            )
+        return "diff", None, built
 
     # ------------------------------------------------------------------ public API
 
@@ -490,20 +427,35 @@ class Trainer:
         """One optimiser step; returns the batch's (summed) ELBO loss and generator-loss terms."""
         args = batch if isinstance(batch, tuple) else (batch,)
         if self.mode == "svi":
-            return self._svi_step(args, epoch), {}
+            return self._svi_step(batch, args, epoch)
         return self._diff_step(batch, args, epoch)
 
-    def _svi_step(self, args: tuple, epoch: int) -> float:
-        # As pyro.infer.SVI.step, with the finiteness check moved before the update.
+    def _generator_terms(self, batch: Batch) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """The sum of the hooks' :meth:`ExtraTerm.generator_loss` terms (None if none) and their values."""
+        total, terms = None, {}
+        for extra in self.extras:
+            term = extra.generator_loss(batch)
+            if term is not None:
+                total = term if total is None else total + term
+                terms[f"{_extra_name(extra)}/generator_loss"] = float(term.detach())
+        return total, terms
+
+    def _svi_step(self, batch: Batch, args: tuple, epoch: int) -> tuple[float, dict[str, float]]:
+        # As pyro.infer.SVI.step, with the finiteness check moved before the update and the hooks'
+        # generator terms back-propagated into the same gradients before the Pyro optimiser's step.
         with poutine.trace(param_only=True) as param_capture:
             loss = self.loss.loss_and_grads(self.model, self.guide, *args)
+            extra_loss, terms = self._generator_terms(batch)
         params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
         # Some losses (e.g. ReweightedWakeSleep) return a tuple; the first entry is reported.
         values = [torch_item(v) for v in (loss if isinstance(loss, tuple) else (loss,))]
-        bad = next((v for v in values if not math.isfinite(v)), None)
+        values_checked = values + list(terms.values())
+        bad = next((v for v in values_checked if not math.isfinite(v)), None)
         if bad is not None:
             zero_grads(params)
             self._raise_non_finite(epoch, bad)
+        if extra_loss is not None:
+            extra_loss.backward()
         if self.clip_norm is not None:
             # A fixed order keeps the float reduction inside clip_grad_norm_ reproducible across runs.
             store = pyro.get_param_store()
@@ -511,7 +463,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(ordered, self.clip_norm)
         self.pyro_optim(params)
         zero_grads(params)
-        return values[0]
+        return values[0], terms
 
     def _diff_step(self, batch: Batch, args: tuple, epoch: int) -> tuple[float, dict[str, float]]:
         assert self.optimizer is not None
@@ -522,13 +474,8 @@ class Trainer:
             with poutine.trace(param_only=True) as param_capture:
                 elbo_loss = self.loss.differentiable_loss(self.model, self.guide, *args)
             self._check_diff_params(param_capture.trace)
-        total = elbo_loss
-        terms: dict[str, float] = {}
-        for extra in self.extras:
-            term = extra.generator_loss(batch)
-            if term is not None:
-                total = total + term
-                terms[f"{_extra_name(extra)}/generator_loss"] = float(term.detach())
+        extra_loss, terms = self._generator_terms(batch)
+        total = elbo_loss if extra_loss is None else elbo_loss + extra_loss
         value = float(total.detach())
         if not math.isfinite(value):
             self._raise_non_finite(epoch, value)
@@ -666,22 +613,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
 
-    def _check_extras(self) -> None:
-        names = []
-        main = {id(p) for p in self.module.parameters()}
-        for i, extra in enumerate(self.extras):
-            if not isinstance(extra, ExtraTerm):
-                raise TypeError(f"extras[{i}] must be an ExtraTerm, got {type(extra).__name__}")
-            if not isinstance(getattr(extra, "module", None), nn.Module):
-                raise TypeError(f"extras[{i}].module must be a torch.nn.Module")
-            if not isinstance(getattr(extra, "optimizer", None), torch.optim.Optimizer):
-                raise TypeError(f"extras[{i}].optimizer must be a torch.optim.Optimizer")
-            if any(id(p) in main for p in extra.module.parameters()):
-                raise ValueError(f"extras[{i}].module shares parameters with the main module")
-            names.append(_extra_name(extra))
-        if len(set(names)) != len(names):
-            raise ValueError(f"ExtraTerm names must be unique (set .name), got {names}")
-
     def _check_diff_params(self, trace) -> None:
         # The optimiser only knows module.parameters(); anything else would silently stay untrained.
         owned = {id(p) for p in self.module.parameters()}
@@ -697,6 +628,54 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _check_arguments(model, guide, module, loss, batch_size, epochs, seed, transform, evaluate, clip_norm,
+                     checkpoint_every_steps, keep_best) -> None:
+    """Type and range checks of the Trainer's arguments, each error naming the argument."""
+    if not callable(model) or not callable(guide):
+        raise TypeError("model and guide must be callables")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(loss, ELBO):
+        raise TypeError(f"loss must be a pyro.infer.ELBO instance, got {type(loss).__name__}")
+    _check_int("batch_size", batch_size, minimum=1)
+    _check_int("epochs", epochs, minimum=0)
+    _check_int("seed", seed, minimum=None)
+    if checkpoint_every_steps is not None:
+        _check_int("checkpoint_every_steps", checkpoint_every_steps, minimum=1)
+    if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
+        raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
+    for fn_name, fn in (("transform", transform), ("evaluate", evaluate)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{fn_name} must be callable or None")
+    if keep_best is not None and evaluate is None:
+        raise ValueError(f"keep_best={keep_best!r} needs an evaluate(epoch) callback that returns it")
+
+
+def _checked_extras(extras: Sequence[ExtraTerm], module: nn.Module) -> list[ExtraTerm]:
+    """The hooks as a list, after checking each has its own module and optimiser, sharing nothing."""
+    extras, names = list(extras), []
+    main = {id(p) for p in module.parameters()}
+    for i, extra in enumerate(extras):
+        if not isinstance(extra, ExtraTerm):
+            raise TypeError(f"extras[{i}] must be an ExtraTerm, got {type(extra).__name__}")
+        if not isinstance(getattr(extra, "module", None), nn.Module):
+            raise TypeError(f"extras[{i}].module must be a torch.nn.Module")
+        if not isinstance(getattr(extra, "optimizer", None), torch.optim.Optimizer):
+            raise TypeError(f"extras[{i}].optimizer must be a torch.optim.Optimizer")
+        if any(id(p) in main for p in extra.module.parameters()):
+            raise ValueError(f"extras[{i}].module shares parameters with the main module")
+        own = {id(p) for p in extra.module.parameters()}
+        foreign = [j for g in extra.optimizer.param_groups for j, p in enumerate(g["params"])
+                   if id(p) not in own]
+        if foreign:
+            raise ValueError(f"extras[{i}].optimizer holds parameters that are not extras[{i}].module's: "
+                             f"a hook's optimiser may only update its own networks")
+        names.append(_extra_name(extra))
+    if len(set(names)) != len(names):
+        raise ValueError(f"ExtraTerm names must be unique (set .name), got {names}")
+    return extras
 
 
 def _check_int(name: str, value: Any, minimum: int | None) -> None:
@@ -760,10 +739,6 @@ def _reset_pyro_optim(optim: PyroOptim) -> None:
     optim._state_waiting_to_be_consumed.clear()
 
 
-def _overrides_generator_loss(extra: ExtraTerm) -> bool:
-    return type(extra).generator_loss is not ExtraTerm.generator_loss
-
-
 def _extra_name(extra: ExtraTerm) -> str:
     return extra.name or type(extra).__name__
 
@@ -780,24 +755,3 @@ def _scalar(value: Any) -> Any:
 
 def _json_line(metrics: Mapping[str, Any]) -> str:
     return json.dumps(dict(metrics)) + "\n"
-
-
-def _open_temp(path: Path) -> tuple[int, Path]:
-    # Same directory as `path`, so os.replace is an atomic rename. Unlike tempfile.mkstemp (mode 0600)
-    # this creates the file with the usual umask-derived permissions.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX; not possible (nor needed) everywhere.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

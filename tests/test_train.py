@@ -12,7 +12,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 from torch.distributions import constraints
 
-import inference.train as train_mod
+import inference.checkpoint as checkpoint_mod
 from inference.train import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -148,7 +148,7 @@ def build(
     if hook == "adversarial":
         extras = [AdversarialDiscriminator(vae)]
     elif hook == "plain":
-        extras = [Discriminator(vae)]  # no generator_loss: usable in SVI mode
+        extras = [Discriminator(vae)]  # no generator_loss
     trainer = Trainer(
         model,
         guide,
@@ -297,7 +297,8 @@ def test_resume_from_mid_epoch_checkpoint_with_hook(tmp_path):
     assert strip_seconds(read_metrics(tmp_path / "split")) == strip_seconds(full_metrics)
 
 
-@pytest.mark.parametrize("optim_kind, hook", [("diff", "adversarial"), ("adam", "plain")])
+@pytest.mark.parametrize("optim_kind, hook",
+                         [("diff", "adversarial"), ("adam", "plain"), ("adam", "adversarial")])
 def test_extra_term_is_stepped_logged_and_resumed(tmp_path, optim_kind, hook):
     full = build(tmp_path / "full", optim_kind, epochs=2, hook=hook)
     hook_before = {k: v.clone() for k, v in full.extras[0].module.state_dict().items()}
@@ -318,9 +319,56 @@ def test_extra_term_is_stepped_logged_and_resumed(tmp_path, optim_kind, hook):
     assert_states_equal(second.extras[0].state_dict(), hook_after)
 
 
-def test_generator_loss_rejected_in_svi_mode(tmp_path):
-    with pytest.raises(ValueError, match="generator_loss.*differentiable-loss mode"):
-        build(tmp_path, "adam", epochs=1, hook="adversarial")
+@pytest.mark.parametrize("optim_kind", ["adam", "diff"])
+def test_hook_optimiser_never_touches_the_main_parameters_and_its_generator_term_does(tmp_path, optim_kind):
+    """A real second loss (a logistic critic of data vs. decoded noise, trained by its own Adam) in both
+    training modes: every hook step changes the critic and leaves every main parameter bit-identical; the
+    main optimiser never holds a critic parameter; and the hook's generator term does reach the main
+    parameters (the run differs from one whose generator term has weight 0, everything else equal)."""
+    trainer = build(tmp_path / "weighted", optim_kind, epochs=1, hook="adversarial")
+    hook = trainer.extras[0]
+    hook.weight = 1.0
+    unchanged_main, changed_hook = [], []
+    original_step = hook.step
+
+    def watched_step(batch):
+        main_before = [p.detach().clone() for p in trainer.module.parameters()]
+        hook_before = [p.detach().clone() for p in hook.module.parameters()]
+        out = original_step(batch)
+        unchanged_main.append(all(torch.equal(a, p) for a, p in zip(main_before, trainer.module.parameters(),
+                                                                     strict=True)))
+        changed_hook.append(any(not torch.equal(a, p) for a, p in zip(hook_before, hook.module.parameters(),
+                                                                       strict=True)))
+        return out
+
+    hook.step = watched_step
+    trainer.fit()
+    assert len(unchanged_main) == STEPS_PER_EPOCH and all(unchanged_main) and all(changed_hook)
+    hook_ids = {id(p) for p in hook.module.parameters()}
+    if optim_kind == "diff":
+        held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    else:
+        held = {id(p.unconstrained()) for p in pyro.get_param_store().values()}
+    assert held and not (held & hook_ids)
+
+    silent = build(tmp_path / "silent", optim_kind, epochs=1, hook="adversarial")
+    silent.extras[0].weight = 0.0
+    silent.fit()
+    assert any(not torch.equal(a, b) for a, b in zip(trainer.module.parameters(), silent.module.parameters(),
+                                                     strict=True))
+
+
+def test_hook_optimiser_over_main_parameters_is_rejected(tmp_path):
+    class Greedy(Discriminator):
+        def __init__(self, vae):
+            super().__init__(vae)
+            self.optimizer = torch.optim.Adam([*self.module.parameters(), *vae.parameters()], lr=0.05)
+
+    vae = make_vae(0)
+    model, guide = make_model_guide(vae, extra_param=False)
+    with pytest.raises(ValueError, match=r"extras\[0\].optimizer holds parameters"):
+        Trainer(model, guide, vae, Trace_ELBO(), make_optimizer("diff"), make_data(), batch_size=BATCH,
+                epochs=1, seed=0, device="cpu", out_dir=tmp_path, extras=[Greedy(vae)], progress=False)
 
 
 # ---------------------------------------------------------------------- NaN / inf
@@ -397,7 +445,7 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch, failure):
         def failing_replace(src, dst):
             raise OSError("replace failed (simulated)")
 
-        monkeypatch.setattr(train_mod.os, "replace", failing_replace)
+        monkeypatch.setattr(checkpoint_mod.os, "replace", failing_replace)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint({"a": torch.arange(5), "b": "bad"}, path)
     monkeypatch.undo()
@@ -620,3 +668,27 @@ def test_keep_best_needs_evaluate(tmp_path):
         Trainer(lambda x: None, lambda x: None, torch.nn.Linear(1, 1), pyro.infer.Trace_ELBO(),
                 pyro.optim.Adam({"lr": 1e-3}), torch.zeros(4, 1), batch_size=2, epochs=1, seed=0,
                 device="cpu", out_dir=tmp_path, keep_best="valid_elbo")
+
+
+def test_train_best_runs_a_hook_with_a_generator_term_in_its_pyro_optimiser_mode(tmp_path):
+    """experiments.common.train_best (ClippedAdam, SVI mode) takes ExtraTerm hooks with generator terms."""
+    from experiments.common import train_best
+    from inference import PathwiseKL_ELBO
+    from ppl_models import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(x_dim=D, z_dim=Z, hidden=(8,))
+    hook = AdversarialDiscriminator(vae)
+    hook.vae = type("Decoder", (), {"dec": staticmethod(vae.decode)})()  # the critic's fakes from this VAE
+    data = make_data()
+    config = {"seed": 0, "eval": {"batch_size": 16},
+              "train": {"epochs": 2, "batch_size": BATCH, "lr": 1e-2, "lr_final": 1e-3, "clip_norm": 100.0}}
+
+    def batch_nll(x):
+        return PathwiseKL_ELBO().loss(vae.model, vae.guide, x)
+
+    out = train_best(vae, PathwiseKL_ELBO(), batch_nll, config, data, binarize, (data.bernoulli(),), tmp_path,
+                     "cpu", resume=False, progress=False, extras=[hook])
+    assert out["epochs"] == 2
+    logged = read_metrics(tmp_path)
+    assert all("disc/generator_loss" in m and "disc/loss" in m for m in logged)
