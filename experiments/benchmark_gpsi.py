@@ -55,9 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import kl_divergence
 
-from experiments.common import load_presets, markdown_table, write_json
+from experiments.common import build_imputer, load_presets, markdown_table, write_json
 from experiments.data import IMAGE_SHAPES, DataError, dynamic_binarize, load_dataset
-from experiments.imputation import build_policy
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.gpsi import GPSI
 from ppl_models.masks import make_mask_process, validate_mask
@@ -285,7 +284,7 @@ def run(config: dict[str, Any], method: str, mask_spec: str, batch_size: int, da
     load_before = _load_average()
     x, mask, mean, about = make_batch(config, data_source, mask_spec, batch_size, dev, seed, data_dir)
     pyro.set_rng_seed(seed)
-    gpsi = build_policy(method, config, x.shape[1], mean).to(dev)
+    gpsi = build_imputer(method, config, x.shape[1], mean).to(dev)
     if not isinstance(gpsi, GPSI):
         raise ValueError(f"{method} is not a GPSI method")
     params = list(gpsi.parameters())

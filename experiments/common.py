@@ -14,7 +14,10 @@ from typing import Any
 import pyro
 import torch
 
-from inference.train import ExtraTerm, Trainer, atomic_write
+from experiments.data import Dataset
+from inference.train import ExtraTerm, Trainer, atomic_write, load_checkpoint
+from ppl_models.base import ModelGuidePair, build_model
+from ppl_models.vae import VAE
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -217,3 +220,47 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
     module.eval()
     return {"epochs": len(metrics), "evaluated_epoch": best["epoch"], "valid_nll": -best["value"],
             "updates": trainer.step}
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def build_registered(name: str, sizes: Mapping[str, Any], x_dim: int, **extra: Any) -> ModelGuidePair:
+    """The model registered as ``name`` (:func:`ppl_models.base.build_model`), sized by a preset section
+    (JSON lists become tuples), for data of dimension ``x_dim``; ``extra`` are further constructor
+    arguments such as ``init_mean``."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()}
+    return build_model(name, x_dim=x_dim, **kwargs, **extra)
+
+
+def build_imputer(method: str, config: dict[str, Any], x_dim: int, init_mean: torch.Tensor) -> ModelGuidePair:
+    """An imputation policy (``gpsi-add``, ``lstm-jump``, ...) sized by the preset's section of its family
+    (``gpsi`` or ``lstm``); a top-level ``num_steps`` overrides the section's (the Fig. 2(c) sweep)."""
+    sizes = dict(config[method.split("-")[0]])
+    if config.get("num_steps"):
+        sizes["num_steps"] = config["num_steps"]
+    return build_registered(method, sizes, x_dim, init_mean=init_mean)
+
+
+def load_vae(config: dict[str, Any], data: Dataset, out: Path, device: str, progress: bool,
+             data_dir: str | None) -> VAE:
+    """The VAE of experiments.vae: from ``vae.checkpoint`` (a best.pt) if it exists, else trained here with
+    the VAE experiment's own code and preset ``vae.preset``."""
+    vc = config["vae"]
+    path = Path(vc.get("checkpoint") or "")
+    if not path.is_file():
+        from experiments import vae as vae_experiment
+
+        presets = load_presets(vae_experiment.EXPERIMENT)
+        vae_config = {**presets[vc["preset"]], "preset": vc["preset"]}
+        vae_config.update(vc.get("overrides", {}))
+        vae_experiment.run(vae_config, out / "vae", device, resume=False, progress=progress,
+                           data_dir=data_dir)
+        path = out / "vae" / "best.pt"
+    state = load_checkpoint(path)["module"]
+    z_dim = state["decoder.0.weight"].shape[1]
+    enc = [w for k, w in state.items() if k.startswith("encoder.") and k.endswith("weight")]
+    hidden = tuple(w.shape[0] for w in enc[:-1])
+    vae = VAE(data.train.shape[1], z_dim, hidden).to(device)
+    vae.load_state_dict(state)
+    vae.eval()
+    return vae

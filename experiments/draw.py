@@ -51,9 +51,11 @@ from experiments.common import (
     KHAT_KEYS,
     add_common_args,
     batched,
+    build_registered,
     degenerate_cell,
     fmt_or_na,
     load_presets,
+    load_vae,
     markdown_table,
     output_dir,
     save_image_grid,
@@ -61,7 +63,6 @@ from experiments.common import (
     write_json,
 )
 from experiments.data import Dataset, binarization_protocol, dynamic_binarize, fixed_binarize, load_dataset
-from experiments.imputation import load_vae
 from inference.finetune import finetune_guide
 from inference.importance import importance_log_likelihood
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
@@ -106,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_generator(variant: str, config: dict[str, Any], x_dim: int,
                     init_mean: torch.Tensor) -> DRAWGenerator:
-    prior, update = GENERATORS[variant]
-    g = config["generator"]
-    return DRAWGenerator(x_dim, g["z_dim"], g["z0_dim"], g["lstm_dim"], g["mix_hidden"],
-                         config.get("num_steps") or g["num_steps"], prior, update, init_mean)
+    sizes = dict(config["generator"])
+    if config.get("num_steps"):
+        sizes["num_steps"] = config["num_steps"]
+    return build_registered(f"draw-{variant}", sizes, x_dim, init_mean=init_mean)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -143,7 +144,7 @@ def score(module, x: torch.Tensor, ev: dict[str, Any], progress: bool) -> dict[s
 
 def steps_figure(gen: DRAWGenerator, image_shape, path: Path, title: str, num: int = 8) -> None:
     """Fig. 1 style: each row one sample of p, each column σ(c_t) for t = 0..T."""
-    steps = gen.sample(num)  # (T + 1, num, D)
+    steps = gen.sample_steps(num)  # (T + 1, num, D)
     grid = steps.transpose(0, 1).reshape(-1, steps.shape[-1])
     save_image_grid(grid, image_shape, path, ncol=steps.shape[0], title=title)
 

@@ -47,7 +47,9 @@ from experiments.common import (
     KHAT_KEYS,
     add_common_args,
     batched,
-    load_presets,
+    build_imputer,
+    build_registered,
+    load_vae,
     markdown_table,
     output_dir,
     resolve_config,
@@ -66,14 +68,11 @@ from experiments.data import (
 from inference.importance import importance_log_likelihood
 from inference.iwae import IWAE_ELBO
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
-from inference.train import load_checkpoint
-from ppl_models.gpsi import GPSI
 from ppl_models.imputation_policy import ImputationPolicy
-from ppl_models.lstm_imputer import LSTMImputer
 from ppl_models.masks import MaskProcess, make_mask_process
-from ppl_models.miwae import MIWAE, miwae_impute
+from ppl_models.miwae import miwae_impute
 from ppl_models.template_matching import template_match
-from ppl_models.vae import VAE, vae_impute
+from ppl_models.vae import vae_impute
 
 EXPERIMENT = "imputation"
 DEFAULT_OUT = "runs/imputation"
@@ -146,19 +145,6 @@ def missing_mse(imputation: torch.Tensor, grey: torch.Tensor, missing: torch.Ten
 # ------------------------------------------------------------------------------------------ methods
 
 
-def build_policy(
-    method: str, config: dict[str, Any], x_dim: int, init_mean: torch.Tensor
-) -> ImputationPolicy:
-    family, update = method.split("-")
-    c = dict(config[family])
-    if config.get("num_steps"):
-        c["num_steps"] = config["num_steps"]
-    if family == "gpsi":
-        return GPSI(x_dim, c["z_dim"], tuple(c["hidden"]), c["num_steps"], update, init_mean)
-    return LSTMImputer(x_dim, c["z_dim"], c["z0_dim"], c["lstm_dim"], c["mix_hidden"], c["num_steps"], update,
-                       init_mean)
-
-
 def evaluate_policy(policy: ImputationPolicy, x: torch.Tensor, mask: torch.Tensor, grey: torch.Tensor,
                     ev: dict[str, Any], progress: bool) -> dict[str, Any]:
     missing = 1 - mask
@@ -228,7 +214,7 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
     pyro.set_rng_seed(config["seed"])
 
     if method in POLICIES:
-        policy = build_policy(method, config, x_dim, data.train.mean(0)).to(device)
+        policy = build_imputer(method, config, x_dim, data.train.mean(0)).to(device)
         elbo = PathwiseKL_ELBO()
         fit = train_best(policy, elbo, lambda a, m: -elbo.per_datum(policy.model, policy.guide, a, m).sum(),
                          config, data.train, mask_transform(process), (x_valid, m_valid), out, device, resume,
@@ -271,7 +257,7 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
         result["mse_protocol"] = "matched training image (grey levels) vs grey-level test pixels"
     else:  # miwae
         mc = config["miwae"]
-        miwae = MIWAE(x_dim, mc["z_dim"], tuple(mc["hidden"])).to(device)
+        miwae = build_registered("miwae", {k: mc[k] for k in ("z_dim", "hidden")}, x_dim).to(device)
         iwae = IWAE_ELBO(num_particles=mc["train_particles"])
         cfg = {**config, "train": {**config["train"], **mc.get("train", {})}}
         fit = train_best(miwae, iwae, lambda a, m: iwae.loss(miwae.model, miwae.guide, a, m), cfg, data.train,
@@ -304,31 +290,6 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
     write_json(out / "result.json", result)
     (out / "result.md").write_text(render_markdown([result]))
     return result
-
-
-def load_vae(config: dict[str, Any], data: Dataset, out: Path, device: str, progress: bool,
-             data_dir: str | None) -> VAE:
-    """The VAE of experiments.vae: from ``vae.checkpoint`` (a best.pt) if it exists, else trained here with
-    the VAE experiment's own code and preset ``vae.preset``."""
-    vc = config["vae"]
-    path = Path(vc.get("checkpoint") or "")
-    if not path.is_file():
-        from experiments import vae as vae_experiment
-
-        presets = load_presets(vae_experiment.EXPERIMENT)
-        vae_config = {**presets[vc["preset"]], "preset": vc["preset"]}
-        vae_config.update(vc.get("overrides", {}))
-        vae_experiment.run(vae_config, out / "vae", device, resume=False, progress=progress,
-                           data_dir=data_dir)
-        path = out / "vae" / "best.pt"
-    state = load_checkpoint(path)["module"]
-    z_dim = state["decoder.0.weight"].shape[1]
-    enc = [w for k, w in state.items() if k.startswith("encoder.") and k.endswith("weight")]
-    hidden = tuple(w.shape[0] for w in enc[:-1])
-    vae = VAE(data.train.shape[1], z_dim, hidden).to(device)
-    vae.load_state_dict(state)
-    vae.eval()
-    return vae
 
 
 def headline(r: dict[str, Any]) -> tuple[dict[str, Any], str]:

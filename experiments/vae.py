@@ -161,7 +161,7 @@ def run(config: dict[str, Any], out, device: str, resume: bool, progress: bool,
     }
     write_json(out / "results.json", results)
     (out / "results.md").write_text(render_markdown(results))
-    save_image_grid(vae.sample_images(64), data.image_shape, out / "samples.png",
+    save_image_grid(vae.sample(64), data.image_shape, out / "samples.png",
                     title=f"VAE samples (decoder means), {data.name}")
     save_curves(metrics, ["train_loss"], out / "curves.png", ylabel="nats per image",
                 title=f"VAE on {data.name}: train loss (-ELBO, dyn. binarised)")

@@ -1,6 +1,10 @@
 """seqgen's models (primary policies p) and guides (guide policies q), as Pyro model/guide pairs.
 
     from ppl_models import VAE, GPSI, LSTMImputer, DRAWGenerator, LinearGaussianChain
+    from ppl_models import build_model, model_names      # the registry: build_model("gpsi-add", x_dim=784)
+
+Every pair subclasses :class:`ModelGuidePair` (``ppl_models/base.py``): ``model``, ``guide``, ``sample(n)``,
+``latent_sites``, ``guide_parameters()``, ``param_prefix``. Importing the package registers every model.
 
 Site names follow one scheme: ``z_0``, ``z_1``, … for the steps and ``x`` for the observation, inside
 ``pyro.plate("data")``. Papers: Bachman & Precup (2015), "Data generation as sequential decision making"
@@ -8,6 +12,7 @@ Site names follow one scheme: ``z_0``, ``z_1``, … for the steps and ``x`` for 
 for the VAE; Mattei & Frellsen (2019) for MIWAE; the linear-Gaussian chain is the exact-answer reference.
 """
 
+from ppl_models.base import ModelGuidePair, ModelSpec, build_model, model_names, model_spec, register_model
 from ppl_models.draw import DRAWGenerator
 from ppl_models.gpsi import GPSI
 from ppl_models.imputation_policy import ImputationPolicy
@@ -19,6 +24,12 @@ from ppl_models.template_matching import template_match
 from ppl_models.vae import VAE, vae_impute
 
 __all__ = [
+    "ModelGuidePair",
+    "ModelSpec",
+    "build_model",
+    "model_names",
+    "model_spec",
+    "register_model",
     "DRAWGenerator",
     "GPSI",
     "GuideParams",

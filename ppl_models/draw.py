@@ -44,24 +44,25 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ppl_models.imputation_policy import initial_canvas
+from ppl_models.base import ModelGuidePair, register_model
 from ppl_models.policy_parts import (
     InitialStates,
     cat_inputs,
     check_sizes,
     check_update,
     diag_normal,
+    initial_canvas,
     lstm_cell,
     lstm_step,
+    mlp,
     stack_canvases,
     writer_step,
 )
-from ppl_models.vae import mlp
 
 PRIORS = ("open-loop", "extended")
 
 
-class DRAWGenerator(nn.Module):
+class DRAWGenerator(ModelGuidePair):
     """The writer, the guide LSTM, the step heads, the write operation and (extended) the z_0 networks in one
     module, used by both :meth:`model` and :meth:`guide`.
 
@@ -76,6 +77,8 @@ class DRAWGenerator(nn.Module):
     :param update: ``"add"`` (c_t = c_{t-1} + ω(v_t)) or ``"jump"`` (c_t = L(h_t)).
     :param init_mean: optional (x_dim,) mean training image; c_0 starts at its logit.
     """
+
+    param_prefix = "draw"
 
     def __init__(
         self,
@@ -122,10 +125,10 @@ class DRAWGenerator(nn.Module):
             params.append(self.s0_guide)
         return params
 
-    def model_parameters(self) -> list[nn.Parameter]:
-        """θ: every parameter of p (the writer, ω, c_0, the prior heads, f_θ(z_0) or s_0)."""
-        guide = {id(p) for p in self.guide_parameters()}
-        return [p for p in self.parameters() if id(p) not in guide]
+    @property
+    def latent_sites(self) -> tuple[str, ...]:
+        first = 0 if self.prior == "extended" else 1
+        return tuple(f"z_{t}" for t in range(first, self.num_steps + 1))
 
     # -------------------------------------------------------------------------------------- roll-out
 
@@ -167,7 +170,7 @@ class DRAWGenerator(nn.Module):
 
         ``model(None, num_samples=n)`` samples n images' trajectories without any data.
         """
-        pyro.module("draw", self)
+        pyro.module(self.param_prefix, self)
         n = self._num_rows(x, num_samples)
         with pyro.plate("data", n):
             canvases = self._roll_out(None, n)
@@ -176,7 +179,7 @@ class DRAWGenerator(nn.Module):
 
     def guide(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
         """q(τ | x*). Returns the canvases of p along q's trajectory, shape (T + 1, N, x_dim)."""
-        pyro.module("draw", self)
+        pyro.module(self.param_prefix, self)
         if x is None:
             raise ValueError("the guide policy q needs the target images x (shape (N, x_dim))")
         n = self._num_rows(x, num_samples)
@@ -195,7 +198,19 @@ class DRAWGenerator(nn.Module):
         return x.shape[0]
 
     @torch.no_grad()
-    def sample(self, num_samples: int) -> torch.Tensor:
+    def sample_steps(self, num_samples: int) -> torch.Tensor:
         """σ(c_t) for t = 0..T of ``num_samples`` trajectories of p, shape (T + 1, N, x_dim) (Fig. 1)."""
         with pyro.poutine.block():
             return torch.sigmoid(self.model(None, num_samples=num_samples))
+
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """σ(c_T) of ``num_samples`` trajectories of p, shape (N, x_dim)."""
+        return self.sample_steps(num_samples)[-1]
+
+
+register_model("draw-open-loop", DRAWGenerator, kind="generator", prior="open-loop", update="add",
+               about="open-loop LSTM generator, isotropic p(z_t) (Bachman & Precup 2015, Sec. 2.4)")
+register_model("draw-extended-add", DRAWGenerator, kind="generator", prior="extended", update="add",
+               about="extended generator, p(z_t | s_{t-1}), c_t += ω(v_t) (Bachman & Precup 2015, Sec. 2.5)")
+register_model("draw-extended-jump", DRAWGenerator, kind="generator", prior="extended", update="jump",
+               about="extended generator, c_T = L(h_T) (Bachman & Precup 2015, Sec. 2.5)")

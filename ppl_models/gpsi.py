@@ -29,10 +29,19 @@ from __future__ import annotations
 
 import pyro
 import torch
+from torch import nn
 
-from ppl_models.imputation_policy import ImputationPolicy, initial_canvas
-from ppl_models.policy_parts import cat_inputs, check_sizes, check_update, diag_normal, update_canvas
-from ppl_models.vae import mlp
+from ppl_models.base import register_model
+from ppl_models.imputation_policy import ImputationPolicy
+from ppl_models.policy_parts import (
+    cat_inputs,
+    check_sizes,
+    check_update,
+    diag_normal,
+    initial_canvas,
+    mlp,
+    update_canvas,
+)
 
 
 class GPSI(ImputationPolicy):
@@ -66,6 +75,14 @@ class GPSI(ImputationPolicy):
         self.omega = mlp([z_dim, *reversed(hidden), x_dim])
         self.c0 = initial_canvas(x_dim, init_mean)
 
+    @property
+    def latent_sites(self) -> tuple[str, ...]:
+        return tuple(f"z_{t}" for t in range(1, self.num_steps + 1))
+
+    def guide_parameters(self) -> list[nn.Parameter]:
+        """φ: q's network (ω and c_0 are shared with p)."""
+        return list(self.q_net.parameters())
+
     def _roll_out(self, x: torch.Tensor, mask: torch.Tensor, guide: bool) -> list[torch.Tensor]:
         """One trajectory of p (``guide=False``) or q; returns the canvases c_0..c_T."""
         canvas = self.c0.expand(x.shape[0], -1)
@@ -82,3 +99,9 @@ class GPSI(ImputationPolicy):
             canvas = update_canvas(canvas, self.omega(z), self.update)
             canvases.append(canvas)
         return canvases
+
+
+register_model("gpsi-add", GPSI, kind="imputer", update="add",
+               about="GPSI-add, c_t = c_{t-1} + ω(z_t) (Bachman & Precup 2015, Sec. 3.1)")
+register_model("gpsi-jump", GPSI, kind="imputer", update="jump",
+               about="GPSI-jump, c_t = ω(z_t) (Bachman & Precup 2015, Sec. 3.1)")

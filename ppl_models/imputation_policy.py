@@ -21,22 +21,13 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from torch import nn
 
+from ppl_models.base import ModelGuidePair
 from ppl_models.masks import validate_mask
 from ppl_models.policy_parts import stack_canvases
 
 
-def initial_canvas(x_dim: int, init_mean: torch.Tensor | None = None) -> nn.Parameter:
-    """The trainable c_0 (paper Sec. 3.1: "c_0 from a trainable bias"): zeros, or the logit of the mean
-    training image so that the first guess is the mean pixel value, as the paper's code filled unknowns."""
-    c0 = torch.zeros(x_dim)
-    if init_mean is not None:
-        c0 = torch.logit(init_mean.detach().float().cpu().clamp(1e-3, 1 - 1e-3)).reshape(x_dim)
-    return nn.Parameter(c0)
-
-
-class ImputationPolicy(nn.Module):
+class ImputationPolicy(ModelGuidePair):
     """Base class: ``model(x, mask)`` is p with its cost, ``guide(x, mask)`` is q, ``impute`` rolls p out.
 
     :param name: the name the module's parameters get in Pyro's param store.
@@ -46,7 +37,7 @@ class ImputationPolicy(nn.Module):
 
     def __init__(self, name: str) -> None:
         super().__init__()
-        self._pyro_name = name
+        self.param_prefix = name
 
     def _roll_out(self, x: torch.Tensor, mask: torch.Tensor, guide: bool) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -70,7 +61,7 @@ class ImputationPolicy(nn.Module):
         ``model(None, None, num_samples=n)`` runs p with every pixel missing and nothing observed: n
         unconditional samples.
         """
-        pyro.module(self._pyro_name, self)
+        pyro.module(self.param_prefix, self)
         x, mask, obs = self._inputs(x, mask, num_samples)
         with pyro.plate("data", x.shape[0]):
             canvases = self._roll_out(x, mask, guide=False)
@@ -80,12 +71,18 @@ class ImputationPolicy(nn.Module):
 
     def guide(self, x: torch.Tensor, mask: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
         """q(τ | x_u, x_k). Returns the canvases stacked, shape (steps + 1, B, D)."""
-        pyro.module(self._pyro_name, self)
+        pyro.module(self.param_prefix, self)
         if x is None:
             raise ValueError("the guide policy needs the complete data x (it sees the missing values)")
         x, mask, _ = self._inputs(x, mask, None)
         with pyro.plate("data", x.shape[0]):
             return stack_canvases(self._roll_out(x, mask, guide=True))
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """σ(c_T) of ``num_samples`` unconditional roll-outs of p (every pixel missing): (num_samples, D)."""
+        with pyro.poutine.block():
+            return torch.sigmoid(self.model(None, None, num_samples=num_samples)[-1])
 
     @torch.no_grad()
     def impute(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

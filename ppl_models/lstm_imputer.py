@@ -31,18 +31,20 @@ import pyro
 import torch
 from torch import nn
 
-from ppl_models.imputation_policy import ImputationPolicy, initial_canvas
+from ppl_models.base import register_model
+from ppl_models.imputation_policy import ImputationPolicy
 from ppl_models.policy_parts import (
     InitialStates,
     cat_inputs,
     check_sizes,
     check_update,
     diag_normal,
+    initial_canvas,
     lstm_cell,
     lstm_step,
+    mlp,
     writer_step,
 )
-from ppl_models.vae import mlp
 
 
 class LSTMImputer(ImputationPolicy):
@@ -85,6 +87,14 @@ class LSTMImputer(ImputationPolicy):
         self.write = nn.Linear(lstm_dim, x_dim)
         self.c0 = initial_canvas(x_dim, init_mean)
 
+    @property
+    def latent_sites(self) -> tuple[str, ...]:
+        return tuple(f"z_{t}" for t in range(self.num_steps + 1))
+
+    def guide_parameters(self) -> list[nn.Parameter]:
+        """φ: q(z_0 | x), the guide LSTM and its step head (the initial-state network is shared with p)."""
+        return [p for m in (self.q_z0, self.guide_lstm, self.q_step) for p in m.parameters()]
+
     def _roll_out(self, x: torch.Tensor, mask: torch.Tensor, guide: bool) -> list[torch.Tensor]:
         """One trajectory of p (``guide=False``) or q; returns the canvases c_0..c_T."""
         canvas = self.c0.expand(x.shape[0], -1)
@@ -106,3 +116,9 @@ class LSTMImputer(ImputationPolicy):
             writer, canvas = writer_step(self.writer, self.write, z, writer, canvas, self.update)
             canvases.append(canvas)
         return canvases
+
+
+register_model("lstm-add", LSTMImputer, kind="imputer", update="add",
+               about="LSTM-add imputer with reader, writer and guide LSTMs (Bachman & Precup 2015, Sec. 3.2)")
+register_model("lstm-jump", LSTMImputer, kind="imputer", update="jump",
+               about="LSTM-jump imputer, c_t = L(h_t) (Bachman & Precup 2015, Sec. 3.2)")

@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ppl_models.base import ModelGuidePair, register_model
 from ppl_models.masks import validate_mask
-from ppl_models.vae import mlp
+from ppl_models.policy_parts import mlp
 
 __all__ = ["MIWAE", "MIWAEImputation", "miwae_impute"]
 
@@ -57,7 +58,7 @@ def _check_pair(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask.bool()
 
 
-class MIWAE(nn.Module):
+class MIWAE(ModelGuidePair):
     """Encoder q(z_0 | x ⊙ m, m) and Bernoulli decoder p(x | z_0); ``model`` and ``guide`` are Pyro programs.
 
     Both programs take ``(x, mask)``. Missing entries of ``x`` (mask 0) are never read: they may hold
@@ -67,6 +68,9 @@ class MIWAE(nn.Module):
     :param z_dim: latent dimension.
     :param hidden: hidden layer sizes of the encoder; the decoder mirrors them.
     """
+
+    param_prefix = "miwae"
+    latent_sites = ("z_0",)
 
     def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden: tuple[int, ...] = (500, 500)) -> None:
         super().__init__()
@@ -88,9 +92,19 @@ class MIWAE(nn.Module):
         """Bernoulli logits of p(x | z_0)."""
         return self.decoder(z)
 
+    def guide_parameters(self) -> list[nn.Parameter]:
+        """φ, the encoder q(z_0 | x ⊙ m, m)."""
+        return list(self.encoder.parameters())
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """Decoder means σ(decoder(z)), z ~ p(z), shape (num_samples, x_dim)."""
+        z = torch.randn(num_samples, self.z_dim, device=next(self.parameters()).device)
+        return torch.sigmoid(self.decode(z))
+
     def model(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """p(z_0, x_k): the observation site scores only the known pixels."""
-        pyro.module("miwae", self)
+        pyro.module(self.param_prefix, self)
         known = _check_pair(x, mask)
         ref = next(self.parameters())
         with pyro.plate("data", x.shape[0]):
@@ -106,7 +120,7 @@ class MIWAE(nn.Module):
 
     def guide(self, x: torch.Tensor, mask: torch.Tensor) -> None:
         """q(z_0 | x ⊙ m, m)."""
-        pyro.module("miwae", self)
+        pyro.module(self.param_prefix, self)
         _check_pair(x, mask)
         with pyro.plate("data", x.shape[0]):
             loc, scale = self.encode(x, mask)
@@ -207,3 +221,7 @@ def _impute_batch(
     log_lik = torch.where((~known).any(-1), log_num - (run_max + den.log()), 0)
     imputation = torch.where(known, x, (mean / den[:, None]).to(x.dtype))
     return log_lik.to(x.dtype), imputation
+
+
+register_model("miwae", MIWAE, kind="imputer",
+               about="MIWAE, importance-weighted VAE on the known pixels (Mattei & Frellsen 2019)")

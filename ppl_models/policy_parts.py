@@ -35,6 +35,25 @@ UPDATES = ("add", "jump")
 MIN_SCALE = 1e-4
 
 
+def mlp(sizes: list[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Linear layers with ``activation`` between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def initial_canvas(x_dim: int, init_mean: torch.Tensor | None = None) -> nn.Parameter:
+    """The trainable c_0 (paper Sec. 3.1: "c_0 from a trainable bias"): zeros, or the logit of the mean
+    training image so that the first guess is the mean pixel value, as the paper's code filled unknowns."""
+    c0 = torch.zeros(x_dim)
+    if init_mean is not None:
+        c0 = torch.logit(init_mean.detach().float().cpu().clamp(1e-3, 1 - 1e-3)).reshape(x_dim)
+    return nn.Parameter(c0)
+
+
 def check_sizes(**sizes: int) -> None:
     """Raise a ValueError naming every size that is not a positive integer (layer widths, dimensions, T)."""
     bad = {name: v for name, v in sizes.items() if v < 1}

@@ -28,26 +28,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ppl_models.base import ModelGuidePair, register_model
 from ppl_models.masks import validate_mask
+from ppl_models.policy_parts import mlp
 
 
-def mlp(sizes: list[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    """Linear layers with ``activation`` between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(activation())
-    return nn.Sequential(*layers)
-
-
-class VAE(nn.Module):
+class VAE(ModelGuidePair):
     """Encoder (guide q) and decoder (model p) in one module; ``model`` and ``guide`` are Pyro programs.
 
     :param x_dim: data dimension (784 for 28x28 images).
     :param z_dim: latent dimension.
     :param hidden: hidden layer sizes of the encoder; the decoder mirrors them.
     """
+
+    param_prefix = "vae"
+    latent_sites = ("z_0",)
 
     def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden: tuple[int, ...] = (500, 500)) -> None:
         super().__init__()
@@ -72,7 +67,7 @@ class VAE(nn.Module):
 
     def model(self, x: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
         """p(z_0, x). With ``x=None`` it samples ``num_samples`` images (no data needed)."""
-        pyro.module("vae", self)
+        pyro.module(self.param_prefix, self)
         if x is None and num_samples is None:
             raise ValueError("model needs data x or num_samples to sample unconditionally")
         n = x.shape[0] if x is not None else num_samples
@@ -86,15 +81,15 @@ class VAE(nn.Module):
 
     def guide(self, x: torch.Tensor, num_samples: int | None = None) -> None:
         """q(z_0 | x)."""
-        pyro.module("vae", self)
+        pyro.module(self.param_prefix, self)
         with pyro.plate("data", x.shape[0]):
             loc, scale = self.encode(x)
             pyro.sample("z_0", dist.Normal(loc, scale).to_event(1))
 
     @torch.no_grad()
-    def sample_images(self, num: int) -> torch.Tensor:
-        """Decoder means σ(decoder(z)), z ~ p(z), shape (num, x_dim)."""
-        z = torch.randn(num, self.z_dim, device=next(self.parameters()).device)
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """Decoder means σ(decoder(z)), z ~ p(z), shape (num_samples, x_dim)."""
+        z = torch.randn(num_samples, self.z_dim, device=next(self.parameters()).device)
         return torch.sigmoid(self.decode(z))
 
 
@@ -166,3 +161,6 @@ def vae_impute(
                 first_run.append(cur)
         final_sum += cur
     return ImputationResult(nll, torch.stack(first_run), missing.sum(-1), final_sum / num_runs)
+
+
+register_model("vae", VAE, kind="generator", about="Bernoulli VAE, one Gaussian z_0 (Kingma & Welling 2014)")

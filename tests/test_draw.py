@@ -121,7 +121,7 @@ def test_sampling_runs_without_data(prior, update):
     gen = make(prior, update)
     tr = poutine.trace(gen.model).get_trace(None, num_samples=5)
     assert not tr.nodes["x"]["is_observed"] and tr.nodes["x"]["value"].shape == (5, D)
-    steps = gen.sample(7)
+    steps = gen.sample_steps(7)
     assert steps.shape == (T + 1, 7, D) and ((steps > 0) & (steps < 1)).all()
     with pytest.raises(ValueError, match="num_samples"):
         gen.model(None)

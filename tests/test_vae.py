@@ -43,7 +43,7 @@ def test_sampling_runs_without_data():
     trace = poutine.trace(vae.model).get_trace(None, num_samples=7)
     assert trace.nodes["x"]["value"].shape == (7, 64)
     assert set(trace.nodes["x"]["value"].unique().tolist()) <= {0.0, 1.0}
-    imgs = vae.sample_images(3)
+    imgs = vae.sample(3)
     assert imgs.shape == (3, 64) and imgs.min() >= 0 and imgs.max() <= 1
     with pytest.raises(ValueError, match="num_samples"):
         vae.model(None)
