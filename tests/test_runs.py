@@ -94,3 +94,81 @@ def test_sample_command_unavailable_device_and_missing_run_are_one_line(tmp_path
     assert sample_cli.main(["--run", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --run") and err.strip().count("\n") == 0
+
+
+# ---------------------------------------------------------------------------------------------- impute
+@pytest.fixture
+def imputer_run(tmp_path):
+    """A gpsi-add run on 8x8 digits (untrained weights: the command's contract, not its quality)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"dataset": "digits", "num_steps": None, "gpsi": {"z_dim": 4, "hidden": [16], "num_steps": 2}}
+    _fake_imputation_run(run, "gpsi-add", config)
+    return run
+
+
+def _images(tmp_path, n=5, shape=(8, 8)):
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(n, *shape, generator=g, dtype=torch.float64).numpy()
+    np.save(tmp_path / "images.npy", x)
+    return x
+
+
+def test_impute_keeps_known_pixels_and_writes_documented_shapes(imputer_run, tmp_path):
+    from experiments import impute as impute_cli
+
+    x = _images(tmp_path)
+    out = tmp_path / "out"
+    argv = ["--run", str(imputer_run), "--images", str(tmp_path / "images.npy"), "--mask", "mar-4",
+            "--samples", "3", "--out", str(out), "--iw-samples", "20", "--device", "cpu"]
+    assert impute_cli.main(argv) == 0
+    imps = np.load(out / "imputations.npy")
+    mean, std = np.load(out / "mean.npy"), np.load(out / "std.npy")
+    assert imps.shape == (5, 3, 8, 8) and mean.shape == std.shape == (5, 8, 8) and imps.dtype == np.float32
+    # With a mask file, the known pixels of every imputation are exactly the input's.
+    mask = np.ones((8, 8))
+    mask[2:5, 3:7] = 0
+    np.save(tmp_path / "mask.npy", mask)
+    argv[5] = str(tmp_path / "mask.npy")
+    assert impute_cli.main([*argv, "--force"]) == 0
+    imps = np.load(out / "imputations.npy")
+    known = mask.astype(bool)
+    expected = np.broadcast_to(x[:, None, known].astype(np.float32), imps[:, :, known].shape)
+    assert np.array_equal(imps[:, :, known], expected)
+    assert (np.load(out / "std.npy")[:, known] == 0).all()
+    assert 0 <= imps.min() and imps.max() <= 1
+    report = json.loads((out / "scores.json").read_text())
+    assert {"bound", "iwae", "binarisation"} <= set(report["scores"])
+    assert (out / "imputations.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("mask, match", [
+    ("wrong-size", "shape"), ("nothing", "hides no pixel"), ("everything", "hides every pixel"),
+    ("not-binary", "must be 0"),
+])
+def test_impute_rejects_bad_masks_in_one_line(imputer_run, tmp_path, capsys, mask, match):
+    from experiments import impute as impute_cli
+
+    _images(tmp_path)
+    arrays = {"wrong-size": np.ones((7, 8)), "nothing": np.ones((8, 8)), "everything": np.zeros((8, 8)),
+              "not-binary": np.full((8, 8), 0.5)}
+    np.save(tmp_path / "mask.npy", arrays[mask])
+    argv = ["--run", str(imputer_run), "--images", str(tmp_path / "images.npy"), "--mask",
+            str(tmp_path / "mask.npy"), "--out", str(tmp_path / "out")]
+    assert impute_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "out").exists()  # nothing written, no empty directory left
+
+
+def test_impute_rejects_wrong_image_size_and_range(imputer_run, tmp_path, capsys):
+    from experiments import impute as impute_cli
+
+    _images(tmp_path, shape=(28, 28))
+    argv = ["--run", str(imputer_run), "--images", str(tmp_path / "images.npy"), "--mask", "mar-4",
+            "--out", str(tmp_path / "out")]
+    assert impute_cli.main(argv) == 2
+    assert "the run's model takes N×8×8" in capsys.readouterr().err
+    np.save(tmp_path / "images.npy", np.full((2, 8, 8), 255.0))
+    assert impute_cli.main(argv) == 2
+    assert "must lie in [0, 1]" in capsys.readouterr().err
