@@ -50,7 +50,6 @@ import torch
 from experiments.common import (
     KHAT_KEYS,
     add_common_args,
-    batched,
     build_registered,
     degenerate_cell,
     fmt_or_na,
@@ -64,8 +63,8 @@ from experiments.common import (
 )
 from experiments.data import Dataset, binarization_protocol, dynamic_binarize, fixed_binarize, load_dataset
 from inference.finetune import finetune_guide
-from inference.importance import importance_log_likelihood
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
+from inference.scoring import nll_summary, score_bound_and_iwae
 from ppl_models.draw import DRAWGenerator
 
 EXPERIMENT = "draw"
@@ -118,27 +117,22 @@ def build_generator(variant: str, config: dict[str, Any], x_dim: int,
 
 def score(module, x: torch.Tensor, ev: dict[str, Any], progress: bool) -> dict[str, Any]:
     """The bound on every row of ``x`` and the IWAE-K estimate on the first ``iw_limit`` rows."""
-    elbo = PathwiseKL_ELBO()
-    draws = ev["bound_draws"]
-    with torch.no_grad():
-        bound = sum(torch.cat(batched(lambda a: -elbo.per_datum(module.model, module.guide, a), x,
-                                      batch_size=ev["batch_size"])) for _ in range(draws)) / draws
-    n_iw = ev["iw_limit"] or x.shape[0]
-    K = ev["iw_samples"]
-    est = importance_log_likelihood(module.model, module.guide, x[:n_iw], num_samples=K,
-                                    batch_size=ev["iw_batch"], chunk_size=ev["iw_chunk"], progress=progress)
-    s = est.summary()
-    bound = bound.double().cpu()
-    iw = -est.log_likelihood.double().cpu()
+    s = score_bound_and_iwae(module.model, module.guide, x, bound_draws=ev["bound_draws"],
+                             iw_samples=ev["iw_samples"], iw_limit=ev["iw_limit"],
+                             batch_size=ev["batch_size"], iw_batch=ev["iw_batch"], iw_chunk=ev["iw_chunk"],
+                             progress=progress)
+    bound, iw, health = nll_summary(s.bound), nll_summary(s.iwae), s.estimate.summary()
+    K, n_iw = ev["iw_samples"], s.num_iw
     return {
-        "bound": {"nll": float(bound.mean()), "stderr": float(bound.std() / math.sqrt(bound.numel())),
-                  "num_images": bound.numel(), "kind": "bound (upper bound on -log p(x) in expectation)",
-                  "behind": f"mean of {draws} single-sample path-wise KL bounds per image",
-                  "first_iw_images": float(bound[:n_iw].mean())},
-        "iwae": {"nll": float(iw.mean()), "stderr": float(iw.std() / math.sqrt(iw.numel())),
-                 "num_images": iw.numel(), "K": K, "kind": f"estimate (IWAE-{K} of -log p(x))",
+        "bound": {"nll": bound["nll"], "stderr": bound["stderr"], "num_images": bound["num"],
+                  "kind": "bound (upper bound on -log p(x) in expectation)",
+                  "behind": f"mean of {s.bound_draws} single-sample path-wise KL bounds per image",
+                  "first_iw_images": float(s.bound[:n_iw].mean())},
+        "iwae": {"nll": iw["nll"], "stderr": iw["stderr"], "num_images": iw["num"], "K": K,
+                 "kind": f"estimate (IWAE-{K} of -log p(x))",
                  "behind": f"K={K} guide samples per image, first {n_iw} test images",
-                 **{k: s[k] for k in KHAT_KEYS}, "ess_mean": s["ess_mean"], "per_image": iw.tolist()},
+                 **{k: health[k] for k in KHAT_KEYS}, "ess_mean": health["ess_mean"],
+                 "per_image": s.iwae.tolist()},
     }
 
 

@@ -65,9 +65,9 @@ from experiments.data import (
     fixed_binarize,
     load_dataset,
 )
-from inference.importance import importance_log_likelihood
 from inference.iwae import IWAE_ELBO
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
+from inference.scoring import nll_summary, score_bound_and_iwae
 from ppl_models.imputation_policy import ImputationPolicy
 from ppl_models.masks import MaskProcess, make_mask_process
 from ppl_models.miwae import miwae_impute
@@ -124,16 +124,9 @@ def mask_transform(process: MaskProcess):
 
 def summarise(nll: torch.Tensor, missing: torch.Tensor, kind: str, behind: str) -> dict[str, Any]:
     """Per-image and per-missing-pixel NLL of per-image values ``nll`` (B,) given the (B, D) missing mask."""
-    nll, counts = nll.double().cpu(), missing.sum(-1).double().cpu()
-    n = nll.numel()
-    return {
-        "nll_per_image": float(nll.mean()),
-        "nll_per_image_stderr": float(nll.std() / n**0.5) if n > 1 else float("nan"),
-        "nll_per_pixel": float(nll.sum() / counts.sum()),
-        "num_images": n,
-        "kind": kind,
-        "behind": behind,
-    }
+    s = nll_summary(nll, missing.sum(-1))
+    return {"nll_per_image": s["nll"], "nll_per_image_stderr": s["stderr"],
+            "nll_per_pixel": s["nll_per_unit"], "num_images": s["num"], "kind": kind, "behind": behind}
 
 
 def missing_mse(imputation: torch.Tensor, grey: torch.Tensor, missing: torch.Tensor) -> float:
@@ -148,30 +141,23 @@ def missing_mse(imputation: torch.Tensor, grey: torch.Tensor, missing: torch.Ten
 def evaluate_policy(policy: ImputationPolicy, x: torch.Tensor, mask: torch.Tensor, grey: torch.Tensor,
                     ev: dict[str, Any], progress: bool) -> dict[str, Any]:
     missing = 1 - mask
-    elbo = PathwiseKL_ELBO()
     bs = ev["batch_size"]
-    draws = ev["bound_draws"]
+    s = score_bound_and_iwae(policy.model, policy.guide, (x, mask), bound_draws=ev["bound_draws"],
+                             iw_samples=ev["iw_samples"], iw_limit=ev["iw_limit"], batch_size=bs,
+                             iw_batch=ev["iw_batch"], iw_chunk=ev["iw_chunk"], progress=progress)
     with torch.no_grad():
-        def one_draw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return -elbo.per_datum(policy.model, policy.guide, a, b)
-
-        bound = sum(torch.cat(batched(one_draw, x, mask, batch_size=bs)) for _ in range(draws)) / draws
         rollouts = ev["mse_rollouts"]
         mean_imp = torch.cat(batched(
             lambda a, b: torch.stack([policy.impute(a, b)[-1] for _ in range(rollouts)]).mean(0),
             x, mask, batch_size=bs))
-    n_iw = ev["iw_limit"] or x.shape[0]
-    K = ev["iw_samples"]
-    est = importance_log_likelihood(policy.model, policy.guide, (x[:n_iw], mask[:n_iw]), num_samples=K,
-                                    batch_size=ev["iw_batch"], chunk_size=ev["iw_chunk"], progress=progress)
-    s = est.summary()
+    draws, K, n_iw, health = s.bound_draws, ev["iw_samples"], s.num_iw, s.estimate.summary()
     return {
-        "bound": summarise(bound, missing, "bound (upper bound on -log p(x_u|x_k))",
+        "bound": summarise(s.bound, missing, "bound (upper bound on -log p(x_u|x_k))",
                            f"mean of {draws} single-sample path-wise KL bounds per image"),
         "iw_estimate": {
-            **summarise(-est.log_likelihood, missing[:n_iw], f"estimate (IWAE-{K} of -log p(x_u|x_k))",
+            **summarise(s.iwae, missing[:n_iw], f"estimate (IWAE-{K} of -log p(x_u|x_k))",
                         f"K={K} guide roll-outs per image, first {n_iw} test images"),
-            **{k: s[k] for k in KHAT_KEYS}, "ess_mean": s["ess_mean"],
+            **{k: health[k] for k in KHAT_KEYS}, "ess_mean": health["ess_mean"],
         },
         "mse": missing_mse(mean_imp, grey, missing),
         "mse_protocol": f"mean of sigma(c_T) over {rollouts} roll-outs of p vs grey-level test pixels",

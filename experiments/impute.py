@@ -33,7 +33,6 @@ image, and known pixels that are NaN are one-line errors.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from experiments.common import markdown_table, write_json
 from experiments.data import fixed_binarize
 from experiments.runs import Run, load_run
 from experiments.sample import non_negative_int, positive_int
-from inference import PathwiseKL_ELBO, importance_log_likelihood
+from inference.scoring import nll_summary, score_bound_and_iwae
 from ppl_models import VAE, ImputationPolicy, make_mask_process, vae_impute
 from ppl_models.vae import bernoulli_nll
 
@@ -159,26 +158,22 @@ def score(run: Run, x: torch.Tensor, mask: torch.Tensor, imputations: torch.Tens
     xb = fixed_binarize(x.float(), seed=seed).to(dev)
     m = mask.to(dev, torch.float32)
     hidden = (1 - mask).sum(-1).double()
-    n = x.shape[0]
 
     def summary(nll: torch.Tensor, kind: str, behind: str) -> dict[str, Any]:
-        nll = nll.double().cpu()
-        se = float(nll.std() / math.sqrt(n)) if n > 1 else float("nan")
-        return {"kind": kind, "behind": behind, "nll_per_image": float(nll.mean()), "stderr": se,
-                "nll_per_hidden_pixel": float(nll.sum() / hidden.sum()), "num_images": n}
+        s = nll_summary(nll, hidden)
+        return {"kind": kind, "behind": behind, "nll_per_image": s["nll"], "stderr": s["stderr"],
+                "nll_per_hidden_pixel": s["nll_per_unit"], "num_images": s["num"]}
 
     out: dict[str, Any] = {"binarisation": f"one Bernoulli draw of the grey levels, seed {seed} "
                                            "(experiments.data.fixed_binarize)"}
     if isinstance(module, ImputationPolicy):
-        elbo = PathwiseKL_ELBO()
-        with torch.no_grad():
-            bound = sum(-elbo.per_datum(module.model, module.guide, xb, m) for _ in range(bound_draws))
-        out["bound"] = summary(bound / bound_draws, "upper bound on -log p(x_u | x_k) in expectation",
+        s = score_bound_and_iwae(module.model, module.guide, (xb, m), bound_draws=bound_draws,
+                                 iw_samples=iw_samples)
+        out["bound"] = summary(s.bound, "upper bound on -log p(x_u | x_k) in expectation",
                                f"mean of {bound_draws} single-path bounds per image")
-        est = importance_log_likelihood(module.model, module.guide, (xb, m), num_samples=iw_samples)
-        out["iwae"] = {**summary(-est.log_likelihood, f"estimate (IWAE-{iw_samples})",
-                                 f"K={iw_samples} guide roll-outs per image"),
-                       **{k: v for k, v in est.summary().items() if k.startswith(("khat", "ess"))}}
+        out["iwae"] = {**summary(s.iwae, f"estimate (IWAE-{iw_samples})", f"K={iw_samples} guide roll-outs "
+                                 "per image"),
+                       **{k: v for k, v in s.estimate.summary().items() if k.startswith(("khat", "ess"))}}
     else:
         ce = bernoulli_nll(xb.double().cpu(), imputations.mean(1), 1 - mask)
         out["cross_entropy"] = summary(ce, "cross-entropy of the hidden pixels under the mean imputation "

@@ -115,6 +115,9 @@ def psis_khat(log_weights: torch.Tensor | np.ndarray, *, sample_axis: int) -> np
     (ArviZ gives inf there when the tail has ≤ 4 values above its cut-off, otherwise a fit to round-off).
     """
     lw, shape = _samples_last(log_weights, sample_axis)
+    if lw.shape[-1] < 2:
+        # ArviZ fails on a single sample (an index error); its value for any tail this short is inf.
+        return np.full(shape, np.inf)
     with warnings.catch_warnings():
         # ArviZ warns once per call about k > 0.7; the caller reports those fractions itself.
         warnings.simplefilter("ignore")
