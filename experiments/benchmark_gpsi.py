@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import kl_divergence
 
-from experiments.common import build_imputer, load_presets, markdown_table, write_json
+from experiments.common import Parser, build_imputer, load_presets, markdown_table, write_json
 from experiments.data import IMAGE_SHAPES, DataError, dynamic_binarize, load_dataset
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.gpsi import GPSI
@@ -417,7 +417,7 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     presets = load_presets(EXPERIMENT)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m experiments.benchmark_gpsi",
         description=__doc__.split("\n\n")[0],
     )

@@ -4,9 +4,11 @@ result files (JSON for programs, a markdown table and PNG figures for people).""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,17 +32,91 @@ def load_presets(experiment: str) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in presets.items() if not k.startswith("_")}
 
 
+#: Command-line shorthands and the preset key each one sets when the preset has no top-level key of that name
+#: (one override path for every experiment: ``--epochs`` sets ``train.epochs`` where training is a section).
+SHORTHANDS = {"epochs": "train.epochs", "lr": "train.lr", "lr_final": "train.lr_final",
+              "batch_size": "train.batch_size", "iw_samples": "eval.iw_samples",
+              "finetune_epochs": "finetune.epochs", "num_steps": "generator.num_steps"}
+#: Command-line options that are not configuration.
+NOT_CONFIG = {"preset", "out", "data_dir", "device", "resume", "force", "no_progress", "variants", "masks",
+              "methods", "no_sweep", "report_only", "method", "mask"}
+
+
 def resolve_config(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The chosen preset with every command-line option the user gave (not None) laid over it."""
+    """The chosen preset with every configuration option the user gave (not None) laid over it: a key of
+    the preset's top level, else the nested key its shorthand names (:data:`SHORTHANDS`). An option that
+    sets no key of the preset is an error naming it (it would otherwise be ignored silently)."""
     presets = load_presets(experiment)
     if args.preset not in presets:
         raise ValueError(f"unknown preset {args.preset!r} for {experiment}; choose one of {sorted(presets)}")
-    config = dict(presets[args.preset])
+    config = json.loads(json.dumps(presets[args.preset]))  # a deep copy
     for key, value in vars(args).items():
-        if value is not None and key in config:
+        if value is None or key in NOT_CONFIG:
+            continue
+        if key in config:
             config[key] = value
+            continue
+        section, _, name = SHORTHANDS.get(key, "").partition(".")
+        if isinstance(config.get(section), dict) and name in config[section]:
+            config[section][name] = value
+        else:
+            flag = "--" + key.replace("_", "-")
+            where = f"{SHORTHANDS[key]} or {key}" if key in SHORTHANDS else key
+            raise ValueError(f"{flag} sets no key of preset {args.preset!r} (looked for {where})")
     config["preset"] = args.preset
     return config
+
+
+class Parser(argparse.ArgumentParser):
+    """The experiments' argument parser: a usage error is one line (``prog: error: ...``), exit status 2;
+    ``--help`` shows the full usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, else a message naming the allowed range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= {minimum}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be a number > 0")
+    return value
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"``: CUDA when present, else the CPU; otherwise the named device, which must be available."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_out: str) -> None:
@@ -48,7 +124,7 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
     presets = load_presets(experiment)
     parser.add_argument(
         "--preset", default="quick", choices=sorted(presets),
-        help=f"configuration preset from experiments/presets/{experiment}.json: "
+        help=f"configuration preset from experiments/presets/{experiment}.json (default quick): "
         + "; ".join(f"{k}: {v.get('about', '')}" for k, v in presets.items()),
     )
     parser.add_argument("--out", default=None, help=f"output directory (default {default_out}/<preset>)")
@@ -57,17 +133,132 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
         help="directory with the Fashion-MNIST IDX .gz files (default: $SEQGEN_FASHION_MNIST_DIR, "
         "else /usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:0, ... (default cpu)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--seed", type=non_negative_int, default=None,
+                        help="random seed, >= 0 (default: the preset's)")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="training epochs, >= 1 (default: the preset's). With --resume it must equal the "
+                        "run's: the learning-rate decay is spread over the planned number of updates, so a "
+                        "longer resumed run would not be the run made with the longer count from the start")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint; refused if any setting differs")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an --out that holds another run's results (they are overwritten)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def output_dir(args: argparse.Namespace, default_out: str) -> Path:
+RUN_FILES = ("config.json", "result.json", "results.json", "table.json", "metrics.jsonl", "checkpoint.pt")
+
+
+def output_dir(args: argparse.Namespace, default_out: str, config: dict[str, Any] | None = None) -> Path:
+    """The run's output directory, created and checked writable before any work. Without ``--resume`` or
+    ``--force``, a directory holding another run's files is refused rather than overwritten; a run with
+    the same configuration (its ``config.json`` equals ``config``) is the same run made again, and may."""
     out = Path(args.out) if args.out else Path(default_out) / args.preset
-    out.mkdir(parents=True, exist_ok=True)
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    recorded = out / "config.json"
+    same = config is not None and recorded.is_file() and _same_config(recorded, config)
+    if held and not same and not (getattr(args, "resume", False) or getattr(args, "force", False)):
+        raise ValueError(f"--out {out} holds another run's results ({', '.join(held)}); pass --resume to "
+                         f"continue it, --force to overwrite it, or choose another --out")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        if created:
+            _remove_if_empty(out)
+        raise ValueError(f"--out {out} is not writable: {e.strerror or e}") from None
+    if created:
+        _CREATED.add(out.resolve())
     return out
+
+
+_CREATED: set[Path] = set()
+
+
+def _remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()  # only succeeds for an empty directory
+
+
+def abandon(out: Path) -> None:
+    """After an error: remove ``out`` if this process created it and wrote nothing but its config.json."""
+    if out.resolve() in _CREATED and {p.name for p in out.iterdir()} <= {"config.json"}:
+        with contextlib.suppress(OSError):
+            (out / "config.json").unlink(missing_ok=True)
+        _remove_if_empty(out)
+
+
+def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str, Any],
+                   work: Callable[[Path, str], Any]) -> int:
+    """The common tail of every experiment's ``main``: resolve ``--device``, check and create ``--out``,
+    record (or, on ``--resume``, check) the configuration, then ``work(out, device)``. Errors a user can
+    cause end with one line, exit status 2 and no directory left that this run created and did not use."""
+    from experiments.data import DataError
+    from inference.train import NonFiniteLossError
+
+    out = None
+    try:
+        device = str(resolve_device(args.device))
+        out = output_dir(args, default_out, config)
+        record_config(out, config, args.resume)
+        work(out, device)
+    except (ValueError, FileNotFoundError, FileExistsError, DataError, NonFiniteLossError) as e:
+        if out is not None:
+            abandon(out)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def record_config(out: Path, config: dict[str, Any], resume: bool) -> None:
+    """Write the configuration a run uses to ``out/config.json``; with ``resume``, refuse (naming every
+    differing key) a configuration other than the one the run was started with. Reports are written from
+    this configuration, so they state what actually ran.
+
+    One change is allowed on resume: more epochs, where the learning rate is constant (``lr == lr_final``),
+    because then the extended run is exactly the run made with the longer count from the start. With a
+    decaying rate the per-update decay is spread over the planned number of updates, so it is refused."""
+    path = out / "config.json"
+    if resume and path.is_file():
+        before = _flatten(json.loads(path.read_text()))
+        now = _flatten(json.loads(json.dumps(_jsonable(config))))
+        changed = sorted(k for k in set(before) | set(now)
+                         if k != "about" and before.get(k, "<unset>") != now.get(k, "<unset>"))
+        if _constant_lr(now) and _constant_lr(before):
+            changed = [k for k in changed if k not in ("epochs", "train.epochs")
+                       or not now.get(k, 0) > before.get(k, 0)]
+        if changed:
+            detail = "; ".join(f"{k}: run {before.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}"
+                               for k in changed)
+            raise ValueError(f"--resume refused: the run in {out} was made with other settings ({detail}). "
+                             f"Resume with the same settings, or start a new run with another --out")
+    write_json(path, config)
+
+
+def _same_config(path: Path, config: dict[str, Any]) -> bool:
+    try:
+        before = _flatten(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return False
+    return before == _flatten(json.loads(json.dumps(_jsonable(config))))
+
+
+def _constant_lr(flat: dict[str, Any]) -> bool:
+    return any(f"{p}lr" in flat and flat.get(f"{p}lr") == flat.get(f"{p}lr_final") for p in ("", "train."))
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -49,14 +49,17 @@ import torch
 
 from experiments.common import (
     KHAT_KEYS,
+    Parser,
     add_common_args,
     build_registered,
     degenerate_cell,
     fmt_or_na,
-    load_presets,
     load_vae,
     markdown_table,
-    output_dir,
+    non_negative_int,
+    positive_int,
+    resolve_config,
+    run_experiment,
     save_image_grid,
     train_best,
     write_json,
@@ -84,23 +87,26 @@ DESCRIPTIONS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m experiments.draw",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_common_args(parser, EXPERIMENT, DEFAULT_OUT)
     parser.add_argument("--variants", default=None,
                         help="comma-separated variants to run, from " + ", ".join(VARIANTS)
-                        + " (default: the preset's list)")
-    parser.add_argument("--num-steps", dest="num_steps", type=int, default=None,
-                        help="steps T of the generators (default: the preset's)")
-    parser.add_argument("--eval-limit", dest="eval_limit", type=int, default=None,
-                        help="score only the first N test images (0 = all); for smoke runs")
-    parser.add_argument("--iw-samples", dest="iw_samples", type=int, default=None,
-                        help="K, importance samples per test image for the IWAE estimate")
-    parser.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, default=None,
-                        help="passes of guide fine-tuning over the scored test images (0 = none)")
+                        + " (default: the preset's list); variants of one table may run as parallel "
+                        "processes into one --out with --resume, and a last --resume run assembles the table")
+    parser.add_argument("--num-steps", dest="num_steps", type=positive_int, default=None,
+                        help="steps T of the generators, >= 1 (default: the preset's)")
+    parser.add_argument("--eval-limit", dest="eval_limit", type=non_negative_int, default=None,
+                        help="score only the first N test images (0 = all), >= 0; for smoke runs (default: "
+                        "the preset's)")
+    parser.add_argument("--iw-samples", dest="iw_samples", type=positive_int, default=None,
+                        help="K, importance samples per test image for the IWAE estimate, >= 1 (default: the "
+                        "preset's)")
+    parser.add_argument("--finetune-epochs", dest="finetune_epochs", type=non_negative_int, default=None,
+                        help="passes of guide fine-tuning over the scored test images (0 = none), >= 0 "
+                        "(default: the preset's)")
     return parser
 
 
@@ -305,33 +311,21 @@ def run(config: dict[str, Any], variants: list[str], out: Path, device: str, res
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    presets = load_presets(EXPERIMENT)
-    if args.preset not in presets:
-        parser.error(f"unknown preset {args.preset!r}")
-    config = {**presets[args.preset], "preset": args.preset}
-    config["train"] = dict(config["train"])
-    config["eval"] = dict(config["eval"])
-    config["finetune"] = dict(config["finetune"])
-    for key, target in (("seed", config), ("num_steps", config), ("eval_limit", config),
-                        ("epochs", config["train"]), ("iw_samples", config["eval"])):
-        if getattr(args, key) is not None:
-            target[key] = getattr(args, key)
-    if args.finetune_epochs is not None:
-        config["finetune"]["epochs"] = args.finetune_epochs
+    try:
+        config = resolve_config(EXPERIMENT, args)
+    except ValueError as e:
+        parser.error(str(e))
     variants = args.variants.split(",") if args.variants else list(config["variants"])
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         parser.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
-    for key, value in (("epochs", config["train"]["epochs"]), ("iw_samples", config["eval"]["iw_samples"]),
-                       ("finetune epochs", config["finetune"]["epochs"])):
-        if value < 0 or (key == "iw_samples" and value < 1):
-            parser.error(f"{key} must be >= {1 if key == 'iw_samples' else 0}, got {value}")
-    out = output_dir(args, DEFAULT_OUT)
-    run(config, variants, out, args.device, args.resume, not args.no_progress, args.data_dir)
-    print((out / "table.md").read_text())
-    print(f"results: {out / 'table.json'}", file=sys.stderr)
-    return 0
 
+    def work(out: Path, device: str) -> None:
+        run(config, variants, out, device, args.resume, not args.no_progress, args.data_dir)
+        print((out / "table.md").read_text())
+        print(f"results: {out / 'table.json'}", file=sys.stderr)
+
+    return run_experiment(args, DEFAULT_OUT, config, work)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -45,14 +45,17 @@ import torch
 
 from experiments.common import (
     KHAT_KEYS,
+    Parser,
     add_common_args,
     batched,
     build_imputer,
     build_registered,
     load_vae,
     markdown_table,
-    output_dir,
+    non_negative_int,
+    positive_int,
     resolve_config,
+    run_experiment,
     save_image_grid,
     train_best,
     write_json,
@@ -82,22 +85,24 @@ TEST_MASK_SEED = 1234
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m experiments.imputation",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_common_args(parser, EXPERIMENT, DEFAULT_OUT)
     parser.add_argument("--method", required=True, choices=METHODS,
-                        help="imputation method: the trained policies (gpsi-*, lstm-*), VAE imputation, "
-                        "honest/oracular template matching, or MIWAE")
+                        help="imputation method (required): the trained policies (gpsi-*, lstm-*), VAE "
+                        "imputation, honest/oracular template matching, or MIWAE")
     parser.add_argument("--mask", required=True,
-                        help="mask distribution for training and test: mcar-<percent> (mcar-100 = "
-                        "unconditional), mar-<size> (a size x size square), e.g. mar-14, mcar-80")
-    parser.add_argument("--num-steps", dest="num_steps", type=int, default=None,
-                        help="refinement steps T of the policy (default: the preset's, per model family)")
-    parser.add_argument("--eval-limit", dest="eval_limit", type=int, default=None,
-                        help="score only the first N test images (0 = all); for smoke runs")
+                        help="mask distribution for training and test (required): mcar-<percent> with "
+                        "percent in (0, 100] (mcar-100 = unconditional), mar-<size> (a size x size square), "
+                        "e.g. mar-14, mcar-80")
+    parser.add_argument("--num-steps", dest="num_steps", type=positive_int, default=None,
+                        help="refinement steps T of the policy, >= 1 (default: the preset's, per model "
+                        "family)")
+    parser.add_argument("--eval-limit", dest="eval_limit", type=non_negative_int, default=None,
+                        help="score only the first N test images (0 = all), >= 0; for smoke runs (default: "
+                        "the preset's)")
     return parser
 
 
@@ -319,16 +324,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = resolve_config(EXPERIMENT, args)
-        make_mask_process(args.mask, IMAGE_SHAPES[config["dataset"]])
     except ValueError as e:
         parser.error(str(e))
-    default = f"{DEFAULT_OUT}/{args.preset}/{args.mask}/{args.method}"
-    out = output_dir(argparse.Namespace(**{**vars(args), "out": args.out or default}), DEFAULT_OUT)
-    run(config, args.method, args.mask, out, args.device, args.resume, not args.no_progress, args.data_dir)
-    print((out / "result.md").read_text())
-    print(f"results: {out / 'result.json'}", file=sys.stderr)
-    return 0
+    try:
+        process = make_mask_process(args.mask, IMAGE_SHAPES[config["dataset"]])
+    except ValueError as e:
+        parser.error(f"--mask {args.mask}: {e}")
+    if getattr(process, "percent", None) == 0:
+        parser.error(f"--mask {args.mask} hides no pixel: nothing to impute; use a percentage in (0, 100]")
+    args.out = args.out or f"{DEFAULT_OUT}/{args.preset}/{args.mask}/{args.method}"
 
+    def work(out: Path, device: str) -> None:
+        run(config, args.method, args.mask, out, device, args.resume, not args.no_progress, args.data_dir)
+        print((out / "result.md").read_text())
+        print(f"results: {out / 'result.json'}", file=sys.stderr)
+
+    return run_experiment(args, DEFAULT_OUT, config, work)
 
 if __name__ == "__main__":
     sys.exit(main())

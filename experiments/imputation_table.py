@@ -25,11 +25,14 @@ import torch
 
 from experiments import imputation
 from experiments.common import (
+    Parser,
     add_common_args,
     degenerate_cell,
     fmt_or_na,
     markdown_table,
+    non_negative_int,
     resolve_config,
+    run_experiment,
     write_json,
 )
 
@@ -54,10 +57,9 @@ LABELS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m experiments.imputation_table",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_common_args(parser, EXPERIMENT, DEFAULT_OUT)
     parser.add_argument("--masks", nargs="+", default=None,
@@ -67,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-sweep", action="store_true", help="skip the refinement-steps sweep (Fig. 2c)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing; write the tables from the cells already in --out")
-    parser.add_argument("--eval-limit", dest="eval_limit", type=int, default=None,
-                        help="score only the first N test images (0 = all); for smoke runs")
+    parser.add_argument("--eval-limit", dest="eval_limit", type=non_negative_int, default=None,
+                        help="score only the first N test images (0 = all), >= 0; for smoke runs (default: "
+                        "the preset's)")
     return parser
 
 
@@ -274,30 +277,35 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve_config(EXPERIMENT, args)
     except ValueError as e:
         parser.error(str(e))
-    out = Path(args.out or f"{DEFAULT_OUT}/{args.preset}")
-    out.mkdir(parents=True, exist_ok=True)
-    masks = args.masks or config["table"]["masks"]
-    methods = args.methods or config["table"]["methods"]
-    run = not args.report_only
-    cells: dict[str, dict[str, dict[str, Any]]] = {}
-    for mask in masks:
-        for method in methods:
-            r = run_cell(config, method, mask, out / mask / method, args, run)
-            if r is not None:
-                cells.setdefault(mask, {})[method] = r
-    if not cells:
-        parser.error(f"no finished cells in {out}; run without --report-only first")
-    sweep_rows = [] if args.no_sweep else sweep(config, out, args, run)
-    if sweep_rows:
-        write_json(out / "sweep.json", sweep_rows)
-        plot_sweep(sweep_rows, out / "sweep.png")
-    write_json(out / "table.json", {"config": config, "masks": masks, "methods": methods, "cells": cells,
-                                    "sweep": sweep_rows, "paper_table1_mnist": PAPER_MNIST,
-                                    "torch": torch.__version__})
-    (out / "table.md").write_text(render(config, cells, masks, methods, sweep_rows, out))
-    print((out / "table.md").read_text())
-    print(f"results: {out / 'table.json'}", file=sys.stderr)
-    return 0
+    # The table is resumable cell by cell: rerunning into its own directory continues it.
+    args.resume = args.resume or args.report_only or (Path(args.out or f"{DEFAULT_OUT}/{args.preset}")
+                                                      / "table.json").is_file()
+
+    def work(out: Path, device: str) -> None:
+        args.device = device
+        masks = args.masks or config["table"]["masks"]
+        methods = args.methods or config["table"]["methods"]
+        run = not args.report_only
+        cells: dict[str, dict[str, dict[str, Any]]] = {}
+        for mask in masks:
+            for method in methods:
+                r = run_cell(config, method, mask, out / mask / method, args, run)
+                if r is not None:
+                    cells.setdefault(mask, {})[method] = r
+        if not cells:
+            raise ValueError(f"no finished cells in {out}; run without --report-only first")
+        sweep_rows = [] if args.no_sweep else sweep(config, out, args, run)
+        if sweep_rows:
+            write_json(out / "sweep.json", sweep_rows)
+            plot_sweep(sweep_rows, out / "sweep.png")
+        write_json(out / "table.json", {"config": config, "masks": masks, "methods": methods, "cells": cells,
+                                        "sweep": sweep_rows, "paper_table1_mnist": PAPER_MNIST,
+                                        "torch": torch.__version__})
+        (out / "table.md").write_text(render(config, cells, masks, methods, sweep_rows, out))
+        print((out / "table.md").read_text())
+        print(f"results: {out / 'table.json'}", file=sys.stderr)
+
+    return run_experiment(args, DEFAULT_OUT, config, work)
 
 
 if __name__ == "__main__":

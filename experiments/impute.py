@@ -41,10 +41,9 @@ import numpy as np
 import pyro
 import torch
 
-from experiments.common import markdown_table, write_json
+from experiments.common import Parser, markdown_table, non_negative_int, positive_int, write_json
 from experiments.data import fixed_binarize
 from experiments.runs import Run, load_run
-from experiments.sample import non_negative_int, positive_int
 from inference.scoring import nll_summary, score_bound_and_iwae
 from ppl_models import VAE, ImputationPolicy, make_mask_process, vae_impute
 from ppl_models.vae import bernoulli_nll
@@ -207,7 +206,7 @@ def save_grid(x: torch.Tensor, mask: torch.Tensor, imputations: torch.Tensor, me
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.impute",
+    parser = Parser(prog="python -m experiments.impute",
                                      description="Impute the hidden pixels of your own images with a trained "
                                                  "model; K imputations per image with their mean and spread.")
     parser.add_argument("--run", required=True, help="a finished run of a trained imputer (gpsi-*, lstm-* "

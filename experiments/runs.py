@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from experiments.common import build_registered
+from experiments.common import build_registered, resolve_device
 from experiments.data import IMAGE_SHAPES
 from inference.checkpoint import BEST_NAME, load_checkpoint
 from ppl_models.base import ModelGuidePair
@@ -41,19 +39,6 @@ class Run:
     dataset: str
     image_shape: tuple[int, int]
     path: Path
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"``: CUDA when present, else the CPU; otherwise the named device, which must be available."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use cpu or auto")
-    return dev
 
 
 def _model_of(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -17,36 +17,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyro
 
-from experiments.common import save_image_grid, write_json
+from experiments.common import Parser, non_negative_int, positive_int, save_image_grid, write_json
 from experiments.runs import load_run
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``, else a message naming the allowed range."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= {minimum}")
-        return value
-
-    return parse
-
-
-positive_int, non_negative_int = int_at_least(1), int_at_least(0)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m experiments.sample",
         description="Draw N samples from a trained generative model (no data needed).",
     )

@@ -18,17 +18,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
 
 from experiments.common import (
+    Parser,
     add_common_args,
     fmt_or_na,
     markdown_table,
-    output_dir,
+    non_negative_int,
+    positive_float,
+    positive_int,
     resolve_config,
+    run_experiment,
     save_curves,
     save_image_grid,
     write_json,
@@ -45,22 +50,28 @@ DEFAULT_OUT = "runs/vae"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m experiments.vae",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_common_args(parser, EXPERIMENT, DEFAULT_OUT)
-    parser.add_argument("--z-dim", dest="z_dim", type=int, default=None, help="latent dimension")
-    parser.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden layer sizes of the MLPs")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate at the start")
-    parser.add_argument("--lr-final", dest="lr_final", type=float, default=None,
-                        help="learning rate reached at the last step (per-step exponential decay)")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="minibatch size")
-    parser.add_argument("--eval-samples", dest="eval_samples", type=int, default=None,
-                        help="K, importance samples per test image for the log-likelihood estimate")
-    parser.add_argument("--eval-limit", dest="eval_limit", type=int, default=None,
-                        help="score only the first N test images (0 = all); for smoke runs")
+    parser.add_argument("--z-dim", dest="z_dim", type=positive_int, default=None,
+                        help="latent dimension, >= 1 (default: the preset's)")
+    parser.add_argument("--hidden", type=positive_int, nargs="+", default=None,
+                        help="hidden layer sizes of the MLPs, each >= 1 (default: the preset's)")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="Adam learning rate at the start, > 0 (default: the preset's)")
+    parser.add_argument("--lr-final", dest="lr_final", type=positive_float, default=None,
+                        help="learning rate reached at the last step (per-step exponential decay), > 0 "
+                        "(default: the preset's)")
+    parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=None,
+                        help="minibatch size, >= 1 (default: the preset's)")
+    parser.add_argument("--eval-samples", dest="eval_samples", type=positive_int, default=None,
+                        help="K, importance samples per test image for the log-likelihood estimate, >= 1 "
+                        "(default: the preset's)")
+    parser.add_argument("--eval-limit", dest="eval_limit", type=non_negative_int, default=None,
+                        help="score only the first N test images (0 = all), >= 0; for smoke runs (default: "
+                        "the preset's)")
     return parser
 
 
@@ -229,13 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve_config(EXPERIMENT, args)
     except ValueError as e:
         parser.error(str(e))
-    out = output_dir(args, DEFAULT_OUT)
-    results = run(config, out, args.device, args.resume, not args.no_progress, args.data_dir)
-    print((out / "results.md").read_text())
-    print(f"results: {out / 'results.json'}", file=sys.stderr)
-    del results
-    return 0
 
+    def work(out: Path, device: str) -> None:
+        run(config, out, device, args.resume, not args.no_progress, args.data_dir)
+        print((out / "results.md").read_text())
+        print(f"results: {out / 'results.json'}", file=sys.stderr)
+
+    return run_experiment(args, DEFAULT_OUT, config, work)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,140 @@
+"""The experiments' command lines never misreport: each promise of the README is a test that can fail."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from experiments import draw as draw_experiment
+from experiments import imputation as imputation_experiment
+from experiments import vae as vae_experiment
+from experiments.common import record_config
+
+SMALL_VAE = ["--preset", "quick", "--epochs", "1", "--eval-samples", "5", "--eval-limit", "10",
+             "--no-progress", "--device", "cpu"]
+
+
+def _epochs_trained(out) -> int:
+    return len((out / "metrics.jsonl").read_text().strip().splitlines())
+
+
+def test_epochs_override_takes_effect_in_a_nested_preset(tmp_path):
+    """--epochs sets train.epochs of the imputation preset (it used to be ignored: 20 epochs were trained)."""
+    out = tmp_path / "cell"
+    code = imputation_experiment.main(["--preset", "quick", "--method", "gpsi-add", "--mask", "mar-4",
+                                       "--epochs", "1", "--eval-limit", "8", "--out", str(out),
+                                       "--no-progress", "--device", "cpu"])
+    assert code == 0
+    assert _epochs_trained(out) == 1
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["train"]["epochs"] == 1
+    assert json.loads((out / "result.json").read_text())["config"]["train"]["epochs"] == 1
+
+
+def test_num_steps_override_takes_effect(tmp_path):
+    """--num-steps reaches the model (it used to be dropped for both experiments)."""
+    from experiments.common import resolve_config
+
+    args = draw_experiment.build_parser().parse_args(["--preset", "quick", "--num-steps", "2"])
+    assert resolve_config("draw", args)["generator"]["num_steps"] == 2
+    args = imputation_experiment.build_parser().parse_args(["--method", "gpsi-add", "--mask", "mar-4",
+                                                            "--num-steps", "3"])
+    assert resolve_config("imputation", args)["num_steps"] == 3
+
+
+def test_resume_with_a_changed_learning_rate_is_refused_and_named(tmp_path, capsys):
+    out = tmp_path / "vae"
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(out)]) == 0
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(out), "--resume", "--lr", "0.002"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume refused" in err and "lr: run 0.001, now 0.002" in err and err.count("\n") == 1
+    assert (out / "results.json").read_text() == before  # the report still states what ran
+
+
+def test_more_epochs_on_resume_only_with_a_constant_learning_rate(tmp_path):
+    constant = {"lr": 1e-3, "lr_final": 1e-3, "epochs": 2}
+    record_config(tmp_path, constant, resume=False)
+    record_config(tmp_path, {**constant, "epochs": 4}, resume=True)  # the same run as 4 epochs from the start
+    decaying = tmp_path / "decaying"
+    decaying.mkdir()
+    record_config(decaying, {"train": {"lr": 1e-3, "lr_final": 1e-4, "epochs": 2}}, resume=False)
+    with pytest.raises(ValueError, match=r"train.epochs: run 2, now 4"):
+        record_config(decaying, {"train": {"lr": 1e-3, "lr_final": 1e-4, "epochs": 4}}, resume=True)
+
+
+def test_a_foreign_results_directory_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "vae"
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(out)]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(out), "--seed", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds another run's results" in err and "--force" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(out), "--seed", "5", "--force"]) == 0
+    assert json.loads((out / "config.json").read_text())["seed"] == 5
+    # The same command again is the same run made again (the README's first command can be rerun).
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(out), "--seed", "5"]) == 0
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    (vae_experiment, ["--batch-size", "0"], "--batch-size: 0 is out of range: must be >= 1"),
+    (vae_experiment, ["--lr", "-1"], "--lr: -1.0 is out of range: must be a number > 0"),
+    (vae_experiment, ["--lr", "nan"], "--lr: nan is out of range"),
+    (vae_experiment, ["--epochs", "0"], "--epochs: 0 is out of range: must be >= 1"),
+    (vae_experiment, ["--eval-samples", "0"], "--eval-samples: 0 is out of range: must be >= 1"),
+    (vae_experiment, ["--seed", "-1"], "--seed: -1 is out of range: must be >= 0"),
+    (vae_experiment, ["--eval-limit", "-4"], "--eval-limit: -4 is out of range: must be >= 0"),
+    (draw_experiment, ["--iw-samples", "0"], "--iw-samples: 0 is out of range: must be >= 1"),
+    (draw_experiment, ["--num-steps", "0"], "--num-steps: 0 is out of range: must be >= 1"),
+    (imputation_experiment, ["--method", "gpsi-add", "--mask", "mcar-0"], "hides no pixel"),
+    (imputation_experiment, ["--method", "gpsi-add", "--mask", "mcar-120"], "--mask"),
+])
+def test_bad_numbers_exit_2_with_one_line(module, argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_one_line_and_leaves_no_directory(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert vae_experiment.main(["--device", "cuda", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --device cuda: CUDA is not available on this machine; use cpu or auto\n"
+    assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only directories")
+def test_read_only_output_directory_fails_before_any_work(tmp_path, capsys):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        assert vae_experiment.main([*SMALL_VAE, "--out", str(parent / "run")]) == 2
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        parent.chmod(0o700)
+
+
+def test_an_early_error_leaves_no_empty_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = vae_experiment.main(["--preset", "fashion", "--data-dir", str(tmp_path / "no-data"),
+                                "--out", str(out), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_help_shows_each_default_once(capsys):
+    for module in (vae_experiment, draw_experiment):
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        text = capsys.readouterr().out
+        assert "(default: None)" not in text and "(default: False)" not in text
+        assert text.count("(default auto)") == 1
