@@ -114,6 +114,8 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine; use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device}: use auto, cpu, cuda or cuda:N")
     return dev
@@ -149,55 +151,107 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
 
 
 RUN_FILES = ("config.json", "result.json", "results.json", "table.json", "metrics.jsonl", "checkpoint.pt")
+#: Keys that describe a preset but do not change what runs.
+_DESCRIPTIVE = ("about",)
+
+
+def previous_config(out: Path) -> tuple[dict[str, Any] | None, bool]:
+    """The configuration of the run in ``out`` (flattened) and whether it is a legacy one: ``config.json``,
+    else the ``config`` recorded in its result file (runs made before config.json existed)."""
+    if (out / "config.json").is_file():
+        return _flatten(json.loads((out / "config.json").read_text())), False
+    for name in ("result.json", "results.json", "table.json"):
+        path = out / name
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                return _flatten(json.loads(path.read_text())["config"]), True
+    return None, False
+
+
+def config_changes(out: Path, config: dict[str, Any], allowed: Sequence[str] = ()) -> list[str]:
+    """The settings in which ``config`` differs from the run in ``out``, as "key: run X, now Y"; empty when
+    they agree or ``out`` holds no run. ``allowed`` are key prefixes that may change. For a legacy run,
+    keys the older code did not record are not compared."""
+    before, legacy = previous_config(out)
+    if before is None:
+        return []
+    now = _flatten(json.loads(json.dumps(_jsonable(config))))
+    keys = set(before) if legacy else set(before) | set(now)
+    return [f"{k}: run {before.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in sorted(keys)
+            if k not in _DESCRIPTIVE and not k.startswith(tuple(allowed))
+            and before.get(k, "<unset>") != now.get(k, "<unset>")]
 
 
 def output_dir(args: argparse.Namespace, default_out: str, config: dict[str, Any] | None = None) -> Path:
     """The run's output directory, created and checked writable before any work. Without ``--resume`` or
     ``--force``, a directory holding another run's files is refused rather than overwritten; a run with
-    the same configuration (its ``config.json`` equals ``config``) is the same run made again, and may."""
+    the same configuration is the same run made again, and may. A lone config.json (a run that stopped
+    before writing anything) holds no results."""
     out = Path(args.out) if args.out else Path(default_out) / args.preset
     held = [name for name in RUN_FILES if (out / name).exists()]
-    recorded = out / "config.json"
-    same = config is not None and recorded.is_file() and _same_config(recorded, config)
+    if held == ["config.json"]:
+        held = []
+    same = config is not None and held and not config_changes(out, config)
     if held and not same and not (getattr(args, "resume", False) or getattr(args, "force", False)):
         raise ValueError(f"--out {out} holds another run's results ({', '.join(held)}); pass --resume to "
                          f"continue it, --force to overwrite it, or choose another --out")
-    created = not out.exists()
+    first_new = next((p for p in [*reversed(out.parents), out] if not p.exists()), None)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        if created:
-            _remove_if_empty(out)
+        if first_new is not None:
+            _remove_empty_chain(out, first_new)
         raise ValueError(f"--out {out} is not writable: {e.strerror or e}") from None
-    if created:
-        _CREATED.add(out.resolve())
+    if first_new is not None:
+        _CREATED[out.resolve()] = first_new.resolve()
     return out
 
 
-_CREATED: set[Path] = set()
+_CREATED: dict[Path, Path] = {}  # an --out this process created -> the outermost directory it created
 
 
-def _remove_if_empty(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.rmdir()  # only succeeds for an empty directory
+def _remove_empty_chain(out: Path, top: Path) -> None:
+    """Remove ``out`` and its parents up to ``top``, as long as each is empty."""
+    path = out.resolve()
+    top = top.resolve()
+    while True:
+        try:
+            path.rmdir()  # only succeeds for an empty directory
+        except OSError:
+            return
+        if path == top or top not in path.parents:
+            return
+        path = path.parent
 
 
 def abandon(out: Path) -> None:
-    """After an error: remove ``out`` if this process created it and wrote nothing but its config.json."""
-    if out.resolve() in _CREATED and {p.name for p in out.iterdir()} <= {"config.json"}:
-        with contextlib.suppress(OSError):
-            (out / "config.json").unlink(missing_ok=True)
-        _remove_if_empty(out)
+    """After an error: remove ``out`` (and the parents created with it) if this process created it and wrote
+    nothing in it but config.json and empty directories."""
+    top = _CREATED.get(out.resolve())
+    if top is None:
+        return
+    files = [p for p in out.rglob("*") if p.is_file()]
+    if all(p == out / "config.json" for p in files):
+        for p in files:
+            p.unlink(missing_ok=True)
+        for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            _remove_empty_chain(d, d)
+        _remove_empty_chain(out, top)
 
 
 def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str, Any],
-                   work: Callable[[Path, str], Any]) -> int:
+                   work: Callable[[Path, str], Any], resumable: Sequence[str] = (),
+                   more_epochs_retrain: bool = False) -> int:
     """The common tail of every experiment's ``main``: resolve ``--device``, check and create ``--out``,
     record (or, on ``--resume``, check) the configuration, then ``work(out, device)``. Errors a user can
-    cause end with one line, exit status 2 and no directory left that this run created and did not use."""
+    cause end with one line, exit status 2 and no directory left that this run created and did not use.
+
+    ``resumable`` are key prefixes that ``--resume`` may change (e.g. ``finetune.`` for a stage that is
+    redone); ``more_epochs_retrain`` says the experiment trains the extra epochs of a resumed run (see
+    :func:`record_config`)."""
     from experiments.data import DataError
     from inference.train import NonFiniteLossError
 
@@ -205,7 +259,10 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
     try:
         device = str(resolve_device(args.device))
         out = output_dir(args, default_out, config)
-        record_config(out, config, args.resume)
+        if not getattr(args, "force", False):
+            record_config(out, config, args.resume, resumable, more_epochs_retrain)
+        else:
+            write_json(out / "config.json", config)
         work(out, device)
     except (ValueError, FileNotFoundError, FileExistsError, DataError, NonFiniteLossError) as e:
         if out is not None:
@@ -215,37 +272,28 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
     return 0
 
 
-def record_config(out: Path, config: dict[str, Any], resume: bool) -> None:
+def record_config(out: Path, config: dict[str, Any], resume: bool, resumable: Sequence[str] = (),
+                  more_epochs_retrain: bool = False) -> None:
     """Write the configuration a run uses to ``out/config.json``; with ``resume``, refuse (naming every
-    differing key) a configuration other than the one the run was started with. Reports are written from
-    this configuration, so they state what actually ran.
+    differing key) a configuration other than the one the run was started with (from config.json, or the
+    result file of an older run). Reports are written from this configuration, so they state what ran.
 
-    One change is allowed on resume: more epochs, where the learning rate is constant (``lr == lr_final``),
-    because then the extended run is exactly the run made with the longer count from the start. With a
-    decaying rate the per-update decay is spread over the planned number of updates, so it is refused."""
-    path = out / "config.json"
-    if resume and path.is_file():
-        before = _flatten(json.loads(path.read_text()))
+    Changes allowed on resume: keys under the prefixes ``resumable``; and more epochs where the experiment
+    retrains them (``more_epochs_retrain``) and the learning rate is constant (``lr == lr_final``), because
+    then the extended run is exactly the run made with the longer count from the start. With a decaying
+    rate the per-update decay is spread over the planned number of updates, so it is refused."""
+    if resume:
+        before, _ = previous_config(out)
         now = _flatten(json.loads(json.dumps(_jsonable(config))))
-        changed = sorted(k for k in set(before) | set(now)
-                         if k != "about" and before.get(k, "<unset>") != now.get(k, "<unset>"))
-        if _constant_lr(now) and _constant_lr(before):
-            changed = [k for k in changed if k not in ("epochs", "train.epochs")
-                       or not now.get(k, 0) > before.get(k, 0)]
+        extendable = ()
+        if more_epochs_retrain and before is not None and _constant_lr(now) and _constant_lr(before):
+            extendable = tuple(k for k in ("epochs", "train.epochs") if now.get(k, 0) > before.get(k, 0))
+        changed = config_changes(out, config, (*resumable, *extendable))
         if changed:
-            detail = "; ".join(f"{k}: run {before.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}"
-                               for k in changed)
-            raise ValueError(f"--resume refused: the run in {out} was made with other settings ({detail}). "
-                             f"Resume with the same settings, or start a new run with another --out")
-    write_json(path, config)
-
-
-def _same_config(path: Path, config: dict[str, Any]) -> bool:
-    try:
-        before = _flatten(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return False
-    return before == _flatten(json.loads(json.dumps(_jsonable(config))))
+            raise ValueError(f"--resume refused: the run in {out} was made with other settings "
+                             f"({'; '.join(changed)}). Resume with the same settings, or start a new run "
+                             f"with another --out")
+    write_json(out / "config.json", config)
 
 
 def _constant_lr(flat: dict[str, Any]) -> bool:

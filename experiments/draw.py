@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         print((out / "table.md").read_text())
         print(f"results: {out / 'table.json'}", file=sys.stderr)
 
-    return run_experiment(args, DEFAULT_OUT, config, work)
+    # Fine-tuning is a stage a resumed run may redo with other settings (the raw scores are kept).
+    return run_experiment(args, DEFAULT_OUT, config, work, resumable=("finetune.",))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(process, "percent", None) == 0:
         parser.error(f"--mask {args.mask} hides no pixel: nothing to impute; use a percentage in (0, 100]")
     args.out = args.out or f"{DEFAULT_OUT}/{args.preset}/{args.mask}/{args.method}"
+    config["method"], config["mask"] = args.method, args.mask  # part of what ran: resume compares them
 
     def work(out: Path, device: str) -> None:
         run(config, args.method, args.mask, out, device, args.resume, not args.no_progress, args.data_dir)

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_cell(config: dict[str, Any], method: str, mask: str, out: Path, args: argparse.Namespace,
              run: bool) -> dict[str, Any] | None:
     path = out / "result.json"
-    if path.is_file():
+    if path.is_file() and not args.force:
         return json.loads(path.read_text())
     if not run:
         return None
@@ -278,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     # The table is resumable cell by cell: rerunning into its own directory continues it.
-    args.resume = args.resume or args.report_only or (Path(args.out or f"{DEFAULT_OUT}/{args.preset}")
-                                                      / "table.json").is_file()
+    # --force starts the table afresh: no finished cell is reused.
+    table = Path(args.out or f"{DEFAULT_OUT}/{args.preset}") / "table.json"
+    args.resume = args.resume or args.report_only or (table.is_file() and not args.force)
 
     def work(out: Path, device: str) -> None:
         args.device = device

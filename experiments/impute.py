@@ -49,6 +49,7 @@ from ppl_models import VAE, ImputationPolicy, make_mask_process, vae_impute
 from ppl_models.vae import bernoulli_nll
 
 SHOWN_IMAGES, SHOWN_IMPUTATIONS = 8, 8
+OUTPUTS = ("imputations.npy", "mean.npy", "std.npy", "imputations.png", "scores.json", "scores.md")
 
 
 def read_images(path: str, image_shape: tuple[int, int]) -> torch.Tensor:
@@ -235,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
-        if (out / "imputations.npy").exists() and not args.force:
-            raise FileExistsError(f"--out {out} already holds imputations.npy; pass --force to overwrite it")
+        held = [name for name in OUTPUTS if (out / name).exists()]
+        if held and not args.force:
+            raise FileExistsError(f"--out {out} already holds {', '.join(held)}; pass --force to overwrite")
         run = load_run(args.run, args.device)
         x = read_images(args.images, run.image_shape)
         mask = read_mask(args.mask, x, run.image_shape, args.seed)

@@ -74,12 +74,12 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     if not found:
         raise FileNotFoundError(f"--run {path}: no {' or '.join(RESULT_FILES)}; is it a finished run's --out "
                                 f"directory?")
+    result = json.loads(found[0].read_text())
+    name, sizes = _model_of(result)
     weights = path / BEST_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"--run {path}: no {BEST_NAME} (the trained weights); the run's results page "
                                 f"names the command that makes it")
-    result = json.loads(found[0].read_text())
-    name, sizes = _model_of(result)
     dataset = result["config"]["dataset"]
     if dataset not in IMAGE_SHAPES:
         raise ValueError(f"--run {path}: unknown data set {dataset!r}; known: {sorted(IMAGE_SHAPES)}")

@@ -42,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUTS = ("samples.npy", "samples.png", "samples.json")
+
+
 def run(run_dir: str, n: int, out: Path, seed: int, device: str, force: bool) -> dict:
     """Sample and write the three files; returns what samples.json records."""
-    if (out / "samples.npy").exists() and not force:
-        raise FileExistsError(f"--out {out} already holds samples.npy; pass --force to overwrite it")
+    held = [name for name in OUTPUTS if (out / name).exists()]
+    if held and not force:
+        raise FileExistsError(f"--out {out} already holds {', '.join(held)}; pass --force to overwrite")
     loaded = load_run(run_dir, device)
     out.mkdir(parents=True, exist_ok=True)
     pyro.set_rng_seed(seed)

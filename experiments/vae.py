@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print((out / "results.md").read_text())
         print(f"results: {out / 'results.json'}", file=sys.stderr)
 
-    return run_experiment(args, DEFAULT_OUT, config, work)
+    return run_experiment(args, DEFAULT_OUT, config, work, more_epochs_retrain=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -58,12 +59,16 @@ def test_resume_with_a_changed_learning_rate_is_refused_and_named(tmp_path, caps
 def test_more_epochs_on_resume_only_with_a_constant_learning_rate(tmp_path):
     constant = {"lr": 1e-3, "lr_final": 1e-3, "epochs": 2}
     record_config(tmp_path, constant, resume=False)
-    record_config(tmp_path, {**constant, "epochs": 4}, resume=True)  # the same run as 4 epochs from the start
+    # Only an experiment that trains the extra epochs may extend (the same run as 4 epochs from the start).
+    with pytest.raises(ValueError, match="epochs: run 2, now 4"):
+        record_config(tmp_path, {**constant, "epochs": 4}, resume=True)
+    record_config(tmp_path, {**constant, "epochs": 4}, resume=True, more_epochs_retrain=True)
     decaying = tmp_path / "decaying"
     decaying.mkdir()
     record_config(decaying, {"train": {"lr": 1e-3, "lr_final": 1e-4, "epochs": 2}}, resume=False)
     with pytest.raises(ValueError, match=r"train.epochs: run 2, now 4"):
-        record_config(decaying, {"train": {"lr": 1e-3, "lr_final": 1e-4, "epochs": 4}}, resume=True)
+        record_config(decaying, {"train": {"lr": 1e-3, "lr_final": 1e-4, "epochs": 4}}, resume=True,
+                      more_epochs_retrain=True)
 
 
 def test_a_foreign_results_directory_is_not_overwritten(tmp_path, capsys):
@@ -138,3 +143,36 @@ def test_help_shows_each_default_once(capsys):
         text = capsys.readouterr().out
         assert "(default: None)" not in text and "(default: False)" not in text
         assert text.count("(default auto)") == 1
+
+
+def test_another_method_or_mask_is_another_run(tmp_path, capsys):
+    """The imputation method and mask are part of the recorded configuration."""
+    out = tmp_path / "cell"
+    base = ["--preset", "quick", "--epochs", "1", "--eval-limit", "8", "--out", str(out), "--no-progress",
+            "--device", "cpu"]
+    assert imputation_experiment.main(["--method", "tm-honest", "--mask", "mar-4", *base]) == 0
+    capsys.readouterr()
+    assert imputation_experiment.main(["--method", "tm-honest", "--mask", "mar-6", *base]) == 2
+    assert "holds another run's results" in capsys.readouterr().err
+    assert imputation_experiment.main(["--method", "gpsi-add", "--mask", "mar-4", *base, "--resume"]) == 2
+    assert "method: run 'tm-honest', now 'gpsi-add'" in capsys.readouterr().err
+
+
+def test_a_run_from_before_config_json_is_checked_against_its_result_file(tmp_path, capsys):
+    """Committed runs have no config.json: their result file's config is what --resume compares."""
+    out = tmp_path / "draw-cpu"
+    out.mkdir()
+    committed = Path(__file__).resolve().parents[1] / "results" / "draw-cpu" / "table.json"
+    table = json.loads(committed.read_text())
+    (out / "table.json").write_text(json.dumps({"config": table["config"]}))
+    code = draw_experiment.main(["--preset", "quick", "--resume", "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resume refused" in err and "preset: run 'cpu', now 'quick'" in err
+    assert not (out / "config.json").exists()
+
+
+def test_an_early_error_removes_the_parents_it_created(tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "run"
+    code = vae_experiment.main(["--preset", "fashion", "--data-dir", str(tmp_path / "no-data"),
+                                "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert code == 2 and not (tmp_path / "a").exists()

@@ -50,12 +50,15 @@ def test_load_run_errors_name_the_problem(tmp_path):
         load_run(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no result.json or results.json"):
         load_run(tmp_path)
-    result = {"method": "tm-honest", "config": {"dataset": "digits"}}
-    (tmp_path / "result.json").write_text(json.dumps(result))
+    config = {"dataset": "digits", "gpsi": {"z_dim": 4, "hidden": [16], "num_steps": 2}}
+    (tmp_path / "result.json").write_text(json.dumps({"method": "gpsi-add", "config": config}))
     with pytest.raises(FileNotFoundError, match="no best.pt"):
         load_run(tmp_path)
-    save_checkpoint({"module": {}}, tmp_path / "best.pt")
+    (tmp_path / "result.json").write_text(json.dumps({"method": "tm-honest", "config": config}))
     with pytest.raises(ValueError, match="trains no model of its own"):
+        load_run(tmp_path)
+    (tmp_path / "result.json").write_text(json.dumps({"variant": "vae", "config": config}))
+    with pytest.raises(ValueError, match="load that run instead"):
         load_run(tmp_path)
 
 
@@ -74,6 +77,12 @@ def test_sample_command_writes_documented_files_without_data(tmp_path, monkeypat
     assert (out / "samples.npy").read_bytes() == before
     assert sample_cli.main(["--run", VAE_RUN, "--n", "2", "--out", str(out), "--force"]) == 0
     assert np.load(out / "samples.npy").shape == (2, 28, 28)
+    # Any file the command would write counts, not only samples.npy.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "samples.png").write_bytes(b"not ours")
+    assert sample_cli.main(["--run", VAE_RUN, "--n", "2", "--out", str(other)]) == 2
+    assert (other / "samples.png").read_bytes() == b"not ours"
 
 
 @pytest.mark.parametrize("argv, message", [
