@@ -55,7 +55,16 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import kl_divergence
 
-from experiments.common import Parser, build_imputer, load_presets, markdown_table, write_json
+from experiments.common import (
+    Parser,
+    build_imputer,
+    load_presets,
+    markdown_table,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    write_json,
+)
 from experiments.data import IMAGE_SHAPES, DataError, dynamic_binarize, load_dataset
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.gpsi import GPSI
@@ -425,28 +434,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="(default cpu) sizes (gpsi z_dim, hidden, num_steps; train.batch_size; "
                         "dataset) from experiments/presets/imputation.json: "
                         + "; ".join(f"{k}: {v.get('about', '')}" for k, v in presets.items()))
-    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:0, ...")
-    parser.add_argument("--repeats", type=int, default=30,
-                        help="timed rounds, each running every variant once (default 30)")
-    parser.add_argument("--warmup", type=int, default=5,
-                        help="untimed rounds before the timed ones (default 5)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), cuda, cuda:N or auto (CUDA when present)")
+    parser.add_argument("--repeats", type=positive_int, default=30,
+                        help="timed rounds, each running every variant once, >= 1 (default 30)")
+    parser.add_argument("--warmup", type=non_negative_int, default=5,
+                        help="untimed rounds before the timed ones, >= 0 (default 5)")
     parser.add_argument("--method", default="gpsi-add", choices=("gpsi-add", "gpsi-jump"),
                         help="GPSI with the additive (default) or the jump canvas update")
     parser.add_argument("--mask", default=None,
                         help="mask setting, mcar-<percent> or mar-<size> (default: the preset's "
                         "table.rollout_mask: mar-16 for cpu and paper, mar-4 for quick's 8x8 digits)")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=None,
-                        help="images in the batch (default: the preset's train.batch_size)")
+    parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=None,
+                        help="images in the batch, >= 1 (default: the preset's train.batch_size)")
     parser.add_argument("--data", default="dataset", choices=("dataset", "random"),
                         help="'dataset': the first training images of the preset's data set; 'random': "
                         "random binary 28x28 images (no data files needed); default 'dataset'")
     parser.add_argument("--data-dir", default=None,
                         help="directory with the Fashion-MNIST IDX .gz files (default: "
                         "$SEQGEN_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the data, the mask and the weights (default: the preset's)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's, which follows OMP_NUM_THREADS)")
+    parser.add_argument("--seed", type=non_negative_int, default=None,
+                        help="seed of the data, the mask and the weights, >= 0 (default: the preset's)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch intra-op threads, >= 1 (default: torch's, which follows OMP_NUM_THREADS)")
     parser.add_argument("--no-validation", action="store_true",
                         help="switch off Pyro's and torch.distributions' argument validation (on by default, "
                         "as in training)")
@@ -464,8 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         make_mask_process(mask_spec, shape)
     except ValueError as e:
         parser.error(str(e))
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    try:
+        device = str(resolve_device(args.device))
+    except ValueError as e:
+        parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_validation:
@@ -473,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"{DEFAULT_OUT}/{args.preset}")
     try:
         run(config, args.method, mask_spec, args.batch_size or config["train"]["batch_size"], args.data,
-            args.device, args.repeats, args.warmup, config["seed"] if args.seed is None else args.seed,
+            device, args.repeats, args.warmup, config["seed"] if args.seed is None else args.seed,
             args.data_dir, out)
     except DataError as e:
         parser.error(f"{e} (use --data random to benchmark without data files)")

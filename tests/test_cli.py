@@ -176,3 +176,15 @@ def test_an_early_error_removes_the_parents_it_created(tmp_path, capsys):
     code = vae_experiment.main(["--preset", "fashion", "--data-dir", str(tmp_path / "no-data"),
                                 "--out", str(out), "--device", "cpu", "--no-progress"])
     assert code == 2 and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("argv, message", [(["--batch-size", "0"], "--batch-size: 0 is out of range"),
+                                           (["--threads", "0"], "--threads: 0 is out of range"),
+                                           (["--repeats", "0"], "--repeats: 0 is out of range")])
+def test_benchmark_rejects_bad_numbers_in_one_line(argv, message, capsys):
+    from experiments import benchmark_gpsi
+
+    with pytest.raises(SystemExit) as e:
+        benchmark_gpsi.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1
