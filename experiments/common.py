@@ -147,6 +147,9 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
                         help="continue the run in --out from its checkpoint; refused if any setting differs")
     parser.add_argument("--force", action="store_true",
                         help="write into an --out that holds another run's results (they are overwritten)")
+    parser.add_argument("--eval-limit", dest="eval_limit", type=non_negative_int, default=None,
+                        help="score only the first N test images (0 = all), >= 0; for smoke runs (default: "
+                        "the preset's)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -259,10 +262,9 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
     try:
         device = str(resolve_device(args.device))
         out = output_dir(args, default_out, config)
-        if not getattr(args, "force", False):
-            record_config(out, config, args.resume, resumable, more_epochs_retrain)
-        else:
-            write_json(out / "config.json", config)
+        # --force starts afresh: the configuration is recorded without comparing it to the old run's.
+        resume = args.resume and not getattr(args, "force", False)
+        record_config(out, config, resume, resumable, more_epochs_retrain)
         work(out, device)
     except (ValueError, FileNotFoundError, FileExistsError, DataError, NonFiniteLossError) as e:
         if out is not None:
@@ -471,13 +473,19 @@ def build_registered(name: str, sizes: Mapping[str, Any], x_dim: int, **extra: A
     return build_model(name, x_dim=x_dim, **kwargs, **extra)
 
 
-def build_imputer(method: str, config: dict[str, Any], x_dim: int, init_mean: torch.Tensor) -> ModelGuidePair:
-    """An imputation policy (``gpsi-add``, ``lstm-jump``, ...) sized by the preset's section of its family
-    (``gpsi`` or ``lstm``); a top-level ``num_steps`` overrides the section's (the Fig. 2(c) sweep)."""
-    sizes = dict(config[method.split("-")[0]])
+def section_sizes(config: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """A preset's model-size section, with a top-level ``num_steps`` (the Fig. 2(c) sweep sets one) in
+    place of the section's."""
+    sizes = dict(config[section])
     if config.get("num_steps"):
         sizes["num_steps"] = config["num_steps"]
-    return build_registered(method, sizes, x_dim, init_mean=init_mean)
+    return sizes
+
+
+def build_imputer(method: str, config: dict[str, Any], x_dim: int, init_mean: torch.Tensor) -> ModelGuidePair:
+    """An imputation policy (``gpsi-add``, ``lstm-jump``, ...) sized by the preset's section of its family
+    (``gpsi`` or ``lstm``, see :func:`section_sizes`)."""
+    return build_registered(method, section_sizes(config, method.split("-")[0]), x_dim, init_mean=init_mean)
 
 
 def load_vae(config: dict[str, Any], data: Dataset, out: Path, device: str, progress: bool,

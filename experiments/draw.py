@@ -61,6 +61,7 @@ from experiments.common import (
     resolve_config,
     run_experiment,
     save_image_grid,
+    section_sizes,
     train_best,
     write_json,
 )
@@ -98,9 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "processes into one --out with --resume, and a last --resume run assembles the table")
     parser.add_argument("--num-steps", dest="num_steps", type=positive_int, default=None,
                         help="steps T of the generators, >= 1 (default: the preset's)")
-    parser.add_argument("--eval-limit", dest="eval_limit", type=non_negative_int, default=None,
-                        help="score only the first N test images (0 = all), >= 0; for smoke runs (default: "
-                        "the preset's)")
     parser.add_argument("--iw-samples", dest="iw_samples", type=positive_int, default=None,
                         help="K, importance samples per test image for the IWAE estimate, >= 1 (default: the "
                         "preset's)")
@@ -112,10 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_generator(variant: str, config: dict[str, Any], x_dim: int,
                     init_mean: torch.Tensor) -> DRAWGenerator:
-    sizes = dict(config["generator"])
-    if config.get("num_steps"):
-        sizes["num_steps"] = config["num_steps"]
-    return build_registered(f"draw-{variant}", sizes, x_dim, init_mean=init_mean)
+    return build_registered(f"draw-{variant}", section_sizes(config, "generator"), x_dim, init_mean=init_mean)
 
 
 # ----------------------------------------------------------------------------------------- evaluation

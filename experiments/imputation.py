@@ -52,7 +52,6 @@ from experiments.common import (
     build_registered,
     load_vae,
     markdown_table,
-    non_negative_int,
     positive_int,
     resolve_config,
     run_experiment,
@@ -100,9 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-steps", dest="num_steps", type=positive_int, default=None,
                         help="refinement steps T of the policy, >= 1 (default: the preset's, per model "
                         "family)")
-    parser.add_argument("--eval-limit", dest="eval_limit", type=non_negative_int, default=None,
-                        help="score only the first N test images (0 = all), >= 0; for smoke runs (default: "
-                        "the preset's)")
     return parser
 
 

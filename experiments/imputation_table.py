@@ -30,7 +30,6 @@ from experiments.common import (
     degenerate_cell,
     fmt_or_na,
     markdown_table,
-    non_negative_int,
     resolve_config,
     run_experiment,
     write_json,
@@ -69,9 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-sweep", action="store_true", help="skip the refinement-steps sweep (Fig. 2c)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing; write the tables from the cells already in --out")
-    parser.add_argument("--eval-limit", dest="eval_limit", type=non_negative_int, default=None,
-                        help="score only the first N test images (0 = all), >= 0; for smoke runs (default: "
-                        "the preset's)")
     return parser
 
 

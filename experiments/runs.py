@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.common import build_registered, resolve_device
+from experiments.common import build_registered, resolve_device, section_sizes
 from experiments.data import IMAGE_SHAPES
 from inference.checkpoint import BEST_NAME, load_checkpoint
 from ppl_models.base import ModelGuidePair
@@ -44,19 +44,18 @@ class Run:
 def _model_of(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(registered model name, constructor sizes) of a run from its result file."""
     config = result["config"]
-    override = {"num_steps": config["num_steps"]} if config.get("num_steps") else {}
     if result.get("experiment") == "vae":
         return "vae", {"z_dim": config["z_dim"], "hidden": config["hidden"]}
     if "variant" in result:  # the sequential-generation experiment, one variant per directory
         if result["variant"] == "vae":
             raise ValueError("this directory holds the VAE row of a generator table: its weights are "
                              "those of the VAE run it names in config.vae; load that run instead")
-        return f"draw-{result['variant']}", {**config["generator"], **override}
+        return f"draw-{result['variant']}", section_sizes(config, "generator")
     if "method" in result:  # one imputation cell
         method = result["method"]
         family = method.split("-")[0]
         if family in _IMPUTATION_FAMILIES:
-            return method, {**config[family], **override}
+            return method, section_sizes(config, family)
         if method == "miwae":
             return "miwae", {k: config["miwae"][k] for k in ("z_dim", "hidden")}
         raise ValueError(f"an imputation run of method {method!r} trains no model of its own; trained "

@@ -29,7 +29,6 @@ from experiments.common import (
     add_common_args,
     fmt_or_na,
     markdown_table,
-    non_negative_int,
     positive_float,
     positive_int,
     resolve_config,
@@ -69,9 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-samples", dest="eval_samples", type=positive_int, default=None,
                         help="K, importance samples per test image for the log-likelihood estimate, >= 1 "
                         "(default: the preset's)")
-    parser.add_argument("--eval-limit", dest="eval_limit", type=non_negative_int, default=None,
-                        help="score only the first N test images (0 = all), >= 0; for smoke runs (default: "
-                        "the preset's)")
     return parser
 
 

@@ -86,6 +86,11 @@ class Flat(Shape):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(self.theta, 1.0))
             pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+            self.more_in_plate(x)
+        return z
+
+    def more_in_plate(self, x):
+        """Sites a subclass adds inside the data plate (a second plate of the same name is not allowed)."""
 
     def guide(self, x):
         with pyro.plate("data", x.shape[0]):
@@ -242,9 +247,7 @@ class Deterministic(Flat):
     name = "pyro.deterministic outside the data plate"
 
     def model(self, x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(self.theta, 1.0))
-            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+        z = super().model(x)
         pyro.deterministic("z_sum", z.sum(-1))
 
 
@@ -314,11 +317,8 @@ class Factor(Flat):
     name = "pyro.factor in model and guide (has_rsample=False)"
     discrete_guide = True  # a factor without rsample carries a score function
 
-    def model(self, x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(self.theta, 1.0))
-            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
-            pyro.factor("penalty", -0.1 * self.theta**2 * torch.ones(x.shape[0]))
+    def more_in_plate(self, x):
+        pyro.factor("penalty", -0.1 * self.theta**2 * torch.ones(x.shape[0]))
 
     def guide(self, x):
         with pyro.plate("data", x.shape[0]):
@@ -341,11 +341,8 @@ class MissingLatent(Flat):
     iw_error = r"\['extra'\] are not sampled by the guide"
     pathwise_warning = r"\{'extra'\}\. PathwiseKL_ELBO, like Trace_ELBO"  # ours, not Pyro's validation text
 
-    def model(self, x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(self.theta, 1.0))
-            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
-            pyro.sample("extra", dist.Normal(self.theta, 1.0))
+    def more_in_plate(self, x):
+        pyro.sample("extra", dist.Normal(self.theta, 1.0))
 
 
 class ModelOrder(Shape):
