@@ -58,14 +58,14 @@ from torch.distributions import kl_divergence
 from experiments.common import (
     Parser,
     build_imputer,
-    load_presets,
     markdown_table,
     non_negative_int,
     positive_int,
     resolve_device,
-    write_json,
 )
+from experiments.config import load_preset, raw_presets
 from experiments.data import IMAGE_SHAPES, DataError, dynamic_binarize, load_dataset
+from experiments.report import reproduce_command, write_report
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.gpsi import GPSI
 from ppl_models.masks import make_mask_process, validate_mask
@@ -287,7 +287,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def run(config: dict[str, Any], method: str, mask_spec: str, batch_size: int, data_source: str, device: str,
-        repeats: int, warmup: int, seed: int, data_dir: str | None, out: Path) -> dict[str, Any]:
+        repeats: int, warmup: int, seed: int, data_dir: str | None, out: Path,
+        command: str | None = None) -> dict[str, Any]:
     """Build the module and batch, time every variant interleaved, write benchmark.json and benchmark.md."""
     dev = torch.device(device)
     load_before = _load_average()
@@ -366,8 +367,7 @@ def run(config: dict[str, Any], method: str, mask_spec: str, batch_size: int, da
         "times_ms": times,
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "benchmark.json", result)
-    (out / "benchmark.md").write_text(render_markdown(result))
+    write_report(out, "benchmark", result, render_markdown(result), command=command)
     return result
 
 
@@ -425,7 +425,7 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    presets = load_presets(EXPERIMENT)
+    presets = raw_presets(EXPERIMENT)
     parser = Parser(
         prog="python -m experiments.benchmark_gpsi",
         description=__doc__.split("\n\n")[0],
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = {**load_presets(EXPERIMENT)[args.preset], "preset": args.preset}
+    config = {**load_preset(EXPERIMENT, args.preset), "preset": args.preset}
     mask_spec = args.mask or config["table"]["rollout_mask"]
     shape = RANDOM_SHAPE if args.data == "random" else IMAGE_SHAPES[config["dataset"]]
     try:
@@ -486,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(config, args.method, mask_spec, args.batch_size or config["train"]["batch_size"], args.data,
             device, args.repeats, args.warmup, config["seed"] if args.seed is None else args.seed,
-            args.data_dir, out)
+            args.data_dir, out, reproduce_command("experiments.benchmark_gpsi",
+                                                  sys.argv[1:] if argv is None else argv, out, device))
     except DataError as e:
         parser.error(f"{e} (use --data random to benchmark without data files)")
     print((out / "benchmark.md").read_text())

@@ -16,53 +16,51 @@ from typing import Any
 import pyro
 import torch
 
+from experiments.config import describe_schema, load_preset, raw_presets, schema_of
 from experiments.data import Dataset
-from inference.train import ExtraTerm, Trainer, atomic_write, load_checkpoint
+from experiments.report import (  # noqa: F401 (the report helpers, importable from here as before)
+    KHAT_KEYS,
+    degenerate_cell,
+    fmt_or_na,
+    jsonable,
+    markdown_table,
+    save_curves,
+    save_image_grid,
+    write_json,
+)
+from inference.train import ExtraTerm, Trainer, load_checkpoint
+from inference.train import resolve_device as _resolve_device
 from ppl_models.base import ModelGuidePair, build_model
 from ppl_models.vae import VAE
 
-PRESET_DIR = Path(__file__).parent / "presets"
-
 
 def load_presets(experiment: str) -> dict[str, dict[str, Any]]:
-    """All presets of ``experiment`` from ``experiments/presets/<experiment>.json``."""
-    path = PRESET_DIR / f"{experiment}.json"
-    with open(path) as f:
-        presets = json.load(f)
-    return {k: v for k, v in presets.items() if not k.startswith("_")}
+    """All presets of ``experiment`` as written in ``experiments/presets/<experiment>.json`` (unvalidated;
+    :func:`resolve_config` validates the one a run uses)."""
+    return raw_presets(experiment)
 
 
-#: Command-line shorthands and the preset key each one sets when the preset has no top-level key of that name
-#: (one override path for every experiment: ``--epochs`` sets ``train.epochs`` where training is a section).
-SHORTHANDS = {"epochs": "train.epochs", "lr": "train.lr", "lr_final": "train.lr_final",
-              "batch_size": "train.batch_size", "iw_samples": "eval.iw_samples",
-              "finetune_epochs": "finetune.epochs", "num_steps": "generator.num_steps"}
 #: Command-line options that are not configuration.
 NOT_CONFIG = {"preset", "out", "data_dir", "device", "resume", "force", "no_progress", "variants", "masks",
-              "methods", "no_sweep", "report_only", "method", "mask"}
+              "methods", "no_sweep", "report_only", "method", "mask", "set", "redo_finetune"}
 
 
 def resolve_config(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The chosen preset with every configuration option the user gave (not None) laid over it: a key of
-    the preset's top level, else the nested key its shorthand names (:data:`SHORTHANDS`). An option that
-    sets no key of the preset is an error naming it (it would otherwise be ignored silently)."""
-    presets = load_presets(experiment)
-    if args.preset not in presets:
-        raise ValueError(f"unknown preset {args.preset!r} for {experiment}; choose one of {sorted(presets)}")
-    config = json.loads(json.dumps(presets[args.preset]))  # a deep copy
+    """The chosen preset, validated against the experiment's schema (:mod:`experiments.config`), with the
+    shorthand options the user gave (not None) and then every ``--set KEY=VALUE`` applied, in that order,
+    through one path. A shorthand sets the dotted key its schema's ``SHORTHANDS`` names."""
+    schema = schema_of(experiment)
+    overrides: list[tuple[str, str]] = []
     for key, value in vars(args).items():
         if value is None or key in NOT_CONFIG:
             continue
-        if key in config:
-            config[key] = value
-            continue
-        section, _, name = SHORTHANDS.get(key, "").partition(".")
-        if isinstance(config.get(section), dict) and name in config[section]:
-            config[section][name] = value
-        else:
-            flag = "--" + key.replace("_", "-")
-            where = f"{SHORTHANDS[key]} or {key}" if key in SHORTHANDS else key
-            raise ValueError(f"{flag} sets no key of preset {args.preset!r} (looked for {where})")
+        flag = "--" + key.replace("_", "-")
+        if key not in schema.SHORTHANDS:
+            raise ValueError(f"{flag} sets no key of the {experiment} presets; use --set KEY=VALUE")
+        text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+        overrides.append((flag, f"{schema.SHORTHANDS[key]}={text}"))
+    overrides += [("--set", assignment) for assignment in getattr(args, "set", None) or ()]
+    config = load_preset(experiment, args.preset, overrides)
     config["preset"] = args.preset
     return config
 
@@ -105,20 +103,12 @@ positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"``: CUDA when present, else the CPU; otherwise the named device, which must be available."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device``: ``"auto"`` (CUDA when present, else the CPU) or a device of this machine
+    (:func:`inference.train.resolve_device`); an error names the flag."""
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: use auto, cpu, cuda or cuda:N")
-    return dev
+        return _resolve_device(device)
+    except ValueError as e:
+        raise ValueError(f"--device {device}: {e}") from None
 
 
 def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_out: str) -> None:
@@ -129,6 +119,10 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
         help=f"configuration preset from experiments/presets/{experiment}.json (default quick): "
         + "; ".join(f"{k}: {v.get('about', '')}" for k, v in presets.items()),
     )
+    parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                        help="set a preset key, dotted for nested sections (e.g. --set train.epochs=5 --set "
+                        "model.hidden=[256,256]); typed and range-checked by the schema; may be repeated; "
+                        "applied after the shorthand options. Keys: " + describe_schema(experiment))
     parser.add_argument("--out", default=None, help=f"output directory (default {default_out}/<preset>)")
     parser.add_argument(
         "--data-dir", default=None,
@@ -138,11 +132,17 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--seed", type=non_negative_int, default=None,
-                        help="random seed, >= 0 (default: the preset's)")
+                        help="random seed, >= 0 (seed; default: the preset's)")
     parser.add_argument("--epochs", type=positive_int, default=None,
-                        help="training epochs, >= 1 (default: the preset's). With --resume it must equal the "
-                        "run's: the learning-rate decay is spread over the planned number of updates, so a "
-                        "longer resumed run would not be the run made with the longer count from the start")
+                        help="training epochs, >= 1 (train.epochs; default: the preset's). On --resume, more "
+                        "epochs than the run's are taken only with a constant learning rate (train.lr == "
+                        "train.lr_final) by an experiment that retrains (the VAE): the extended run is then "
+                        "the run made with the longer count from the start; with a decaying rate the decay "
+                        "is spread over the planned updates, so a changed count is refused")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="Adam learning rate at the start, > 0 (train.lr; default: the preset's)")
+    parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=None,
+                        help="training minibatch size, >= 1 (train.batch_size; default: the preset's)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint; refused if any setting differs")
     parser.add_argument("--force", action="store_true",
@@ -178,11 +178,31 @@ def config_changes(out: Path, config: dict[str, Any], allowed: Sequence[str] = (
     before, legacy = previous_config(out)
     if before is None:
         return []
-    now = _flatten(json.loads(json.dumps(_jsonable(config))))
+    return setting_differences(before, config, allowed, legacy)
+
+
+def setting_differences(before: dict[str, Any], now: dict[str, Any], allowed: Sequence[str] = (),
+                        legacy: bool = False) -> list[str]:
+    """The settings in which configuration ``now`` differs from ``before`` (either may be nested or
+    flattened), as "key: run X, now Y", except keys under the prefixes ``allowed``, the descriptive ones,
+    and keys added to the schema later that hold the value the code used before (:data:`_ADDED_KEYS`).
+    With ``legacy``, keys ``before`` lacks are not compared."""
+    before = _flatten(json.loads(json.dumps(jsonable(before))))
+    now = _flatten(json.loads(json.dumps(jsonable(now))))
     keys = set(before) if legacy else set(before) | set(now)
-    return [f"{k}: run {before.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in sorted(keys)
-            if k not in _DESCRIPTIVE and not k.startswith(tuple(allowed))
-            and before.get(k, "<unset>") != now.get(k, "<unset>")]
+
+    def was(k: str) -> Any:  # a key added to the schema later had the value the code then used
+        if k in before:
+            return before[k]
+        return _ADDED_KEYS.get(k, None if now.get(k, "<unset>") is None else "<unset>")
+
+    return [f"{k}: run {was(k)!r}, now {now.get(k, '<unset>')!r}" for k in sorted(keys)
+            if k not in _DESCRIPTIVE and not k.startswith(tuple(allowed)) and was(k) != now.get(k, "<unset>")]
+
+
+#: Keys the schema gained after runs had been recorded without them, with the value the code used then
+#: (an optional key absent from an older run and null now is the same setting too).
+_ADDED_KEYS: dict[str, Any] = {"train.betas": [0.9, 0.98]}
 
 
 def output_dir(args: argparse.Namespace, default_out: str, config: dict[str, Any] | None = None) -> Path:
@@ -285,12 +305,13 @@ def record_config(out: Path, config: dict[str, Any], resume: bool, resumable: Se
     then the extended run is exactly the run made with the longer count from the start. With a decaying
     rate the per-update decay is spread over the planned number of updates, so it is refused."""
     if resume:
-        before, _ = previous_config(out)
-        now = _flatten(json.loads(json.dumps(_jsonable(config))))
+        before, legacy = previous_config(out)
+        now = _flatten(json.loads(json.dumps(jsonable(config))))
         extendable = ()
         if more_epochs_retrain and before is not None and _constant_lr(now) and _constant_lr(before):
             extendable = tuple(k for k in ("epochs", "train.epochs") if now.get(k, 0) > before.get(k, 0))
-        changed = config_changes(out, config, (*resumable, *extendable))
+        changed = [] if before is None else setting_differences(before, config, (*resumable, *extendable),
+                                                                legacy)
         if changed:
             raise ValueError(f"--resume refused: the run in {out} was made with other settings "
                              f"({'; '.join(changed)}). Resume with the same settings, or start a new run "
@@ -309,113 +330,6 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: obj}
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if torch.is_tensor(obj):
-        return _jsonable(obj.tolist())
-    if hasattr(obj, "tolist"):  # numpy
-        return _jsonable(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (tensors and arrays become lists)."""
-    text = json.dumps(_jsonable(obj), indent=2) + "\n"
-    atomic_write(path, lambda f: f.write(text), binary=False)
-
-
-def fmt_or_na(value: Any, spec: str) -> str:
-    """``format(value, spec)`` for a finite number; "n/a" for a missing key (None), nan or inf (JSON keeps
-    those as strings) or anything else."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return format(value, spec)
-    return "n/a"
-
-
-#: The k-hat summary keys an experiment keeps beside its estimate (see inference.diagnostics.khat_summary).
-KHAT_KEYS = ("khat_median", "khat_frac_gt_0.7", "khat_frac_degenerate", "ess_mean_degenerate")
-
-
-def degenerate_cell(entry: Mapping[str, Any], *, percent: bool = False) -> str:
-    """The degenerate PSIS category of an importance estimate as a table cell: "<fraction> (ESS <mean>)".
-
-    Points whose PSIS tail has fewer than 5 distinct values (or non-finite k-hat) are degenerate: k-hat says
-    nothing there, and their mean ESS shows whether the weights are good (≈ K: near-constant weights) or
-    not. The fraction is a percentage with ``percent``. Results written before the category existed have no
-    such keys: "n/a".
-    """
-    frac = entry.get("khat_frac_degenerate")
-    cell = fmt_or_na(100 * frac if percent and isinstance(frac, (int, float)) else frac,
-                     ".0f" if percent else ".2f")
-    if cell == "n/a":
-        return cell
-    cell += " %" if percent else ""
-    ess = fmt_or_na(entry.get("ess_mean_degenerate"), ".0f")
-    return cell if ess == "n/a" else f"{cell} (ESS {ess})"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
-        return str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: str | os.PathLike,
-                    ncol: int = 8, title: str | None = None) -> None:
-    """Save rows of flattened grey images in [0, 1] as a PNG grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    images = images.detach().cpu().reshape(-1, *image_shape)
-    n = images.shape[0]
-    nrow = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(ncol * 0.9, nrow * 0.9 + (0.4 if title else 0)))
-    for i, ax in enumerate(axes.flat if hasattr(axes, "flat") else [axes]):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def save_curves(metrics: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | os.PathLike,
-                ylabel: str = "nats per image", title: str | None = None) -> None:
-    """Plot per-epoch metrics (e.g. train loss and validation bound) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for key in keys:
-        pts = [(m["epoch"], m[key]) for m in metrics if key in m and m[key] is not None]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), label=key)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def batched(fn: Callable[..., Any], *tensors: torch.Tensor, batch_size: int) -> list:
@@ -497,11 +411,10 @@ def load_vae(config: dict[str, Any], data: Dataset, out: Path, device: str, prog
     if not path.is_file():
         from experiments import vae as vae_experiment
 
-        presets = load_presets(vae_experiment.EXPERIMENT)
-        vae_config = {**presets[vc["preset"]], "preset": vc["preset"]}
-        vae_config.update(vc.get("overrides", {}))
-        vae_experiment.run(vae_config, out / "vae", device, resume=False, progress=progress,
-                           data_dir=data_dir)
+        vae_config = {**load_preset(vae_experiment.EXPERIMENT, vc["preset"]), "preset": vc["preset"]}
+        (out / "vae").mkdir(parents=True, exist_ok=True)
+        vae_experiment.train_and_score(vae_config, out / "vae", device, resume=False, progress=progress,
+                                       data_dir=data_dir)
         path = out / "vae" / "best.pt"
     state = load_checkpoint(path)["module"]
     z_dim = state["decoder.0.weight"].shape[1]

@@ -48,30 +48,34 @@ import pyro
 import torch
 
 from experiments.common import (
-    KHAT_KEYS,
-    Parser,
-    add_common_args,
     build_registered,
-    degenerate_cell,
-    fmt_or_na,
     load_vae,
-    markdown_table,
     non_negative_int,
     positive_int,
-    resolve_config,
-    run_experiment,
-    save_image_grid,
     section_sizes,
+    setting_differences,
     train_best,
-    write_json,
 )
 from experiments.data import Dataset, binarization_protocol, dynamic_binarize, fixed_binarize, load_dataset
+from experiments.report import (
+    KHAT_KEYS,
+    degenerate_cell,
+    fmt_or_na,
+    markdown_table,
+    save_image_grid,
+    write_json,
+    write_report,
+)
+from experiments.runner import Experiment, RunContext
+from inference.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
 from inference.finetune import finetune_guide
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from inference.scoring import nll_summary, score_bound_and_iwae
 from ppl_models.draw import DRAWGenerator
 
 EXPERIMENT = "draw"
+#: The settings of the fine-tuning stage, which a resumed run may change (the raw scores are kept).
+FINETUNE = ("finetune.",)
 DEFAULT_OUT = "runs/draw"
 GENERATORS = {
     "open-loop": ("open-loop", "add"),
@@ -87,25 +91,23 @@ DESCRIPTIONS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="python -m experiments.draw",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_common_args(parser, EXPERIMENT, DEFAULT_OUT)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=None,
                         help="comma-separated variants to run, from " + ", ".join(VARIANTS)
                         + " (default: the preset's list); variants of one table may run as parallel "
                         "processes into one --out with --resume, and a last --resume run assembles the table")
+    parser.add_argument("--redo-finetune", action="store_true",
+                        help="with --resume: fine-tune the guides of finished variants again (from their "
+                        "best.pt, keeping their raw scores), e.g. after a change of the fine-tuning "
+                        "settings or code")
     parser.add_argument("--num-steps", dest="num_steps", type=positive_int, default=None,
-                        help="steps T of the generators, >= 1 (default: the preset's)")
+                        help="steps T of the generators, >= 1 (generator.num_steps; default: the preset's)")
     parser.add_argument("--iw-samples", dest="iw_samples", type=positive_int, default=None,
-                        help="K, importance samples per test image for the IWAE estimate, >= 1 (default: the "
-                        "preset's)")
+                        help="K, importance samples per test image for the IWAE estimate, >= 1 "
+                        "(eval.iw_samples; default: the preset's)")
     parser.add_argument("--finetune-epochs", dest="finetune_epochs", type=non_negative_int, default=None,
                         help="passes of guide fine-tuning over the scored test images (0 = none), >= 0 "
-                        "(default: the preset's)")
-    return parser
+                        "(finetune.epochs; default: the preset's)")
 
 
 def build_generator(variant: str, config: dict[str, Any], x_dim: int,
@@ -145,8 +147,11 @@ def steps_figure(gen: DRAWGenerator, image_shape, path: Path, title: str, num: i
 
 
 def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, device: str, resume: bool,
-                progress: bool, data_dir: str | None = None) -> dict[str, Any]:
-    """Train (generators) or load (VAE), score raw and fine-tuned, and write ``out/result.json``."""
+                progress: bool, data_dir: str | None = None, command: str | None = None,
+                redo_finetune: bool = False) -> dict[str, Any]:
+    """Train (generators) or load (VAE), score raw and fine-tuned, and write ``out/result.json``. When
+    resuming, finished stages are kept: a finished training (best.pt), the raw scores, and a finished
+    fine-tuning unless ``redo_finetune``."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +164,12 @@ def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, 
                               "device": device}
     pyro.set_rng_seed(config["seed"])
     t0 = time.time()
+    previous = _read_result(out / "result.json") if resume else None
+    # A finished training whose checkpoint.pt is gone (results keep only best.pt) is not redone.
+    trained = (previous is not None and variant != "vae" and not (out / CHECKPOINT_NAME).is_file()
+               and (out / BEST_NAME).is_file()
+               and not setting_differences(previous["config"], config, FINETUNE)
+               and previous.get("train", {}).get("epochs") == config["train"]["epochs"])
     if variant == "vae":
         module = load_vae(config, data, out, device, progress, data_dir)
         result["train"] = {"source": str(config["vae"].get("checkpoint")),
@@ -166,6 +177,10 @@ def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, 
     else:
         module = build_generator(variant, config, data.train.shape[1], data.train.mean(0)).to(device)
         elbo = PathwiseKL_ELBO()
+    if trained:
+        module.load_state_dict(load_checkpoint(out / BEST_NAME)["module"])
+        result["train"] = previous["train"]
+    elif variant != "vae":
         fit = train_best(module, elbo, lambda a: -elbo.per_datum(module.model, module.guide, a).sum(), config,
                          data.train, lambda x, g: dynamic_binarize(x, g), (x_valid,), out, device,
                          resume and (out / "checkpoint.pt").is_file(), progress)
@@ -178,9 +193,8 @@ def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, 
     module.eval()
     result["num_parameters"] = sum(p.numel() for p in module.parameters())
     result["protocol"] = protocol(data, x_test.shape[0])
-    previous = _read_result(out / "result.json") if resume else None
-    if previous is not None and "raw" in previous and _without(previous["config"], "finetune") == _without(
-            result["config"], "finetune"):
+    if previous is not None and "raw" in previous and not setting_differences(previous["config"], config,
+                                                                              FINETUNE):
         result["raw"] = previous["raw"]  # scored before an interruption; the weights are the same best.pt
     else:
         t0 = time.time()
@@ -194,7 +208,8 @@ def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, 
                                  PathwiseKL_ELBO(), x_test, epochs=ft["epochs"], batch_size=ft["batch_size"],
                                  lr=ft["lr"], seed=config["seed"], device=device, out_dir=out / "finetune",
                                  clip_norm=config["train"]["clip_norm"], progress=progress,
-                                 resume=resume and (out / "finetune" / "checkpoint.pt").is_file())
+                                 resume=resume and not redo_finetune
+                                 and (out / "finetune" / "checkpoint.pt").is_file())
         module.eval()
         result["finetune"] = {"epochs": ft["epochs"], "updates": ft["epochs"] * -(-x_test.shape[0]
                                                                                  // ft["batch_size"]),
@@ -203,13 +218,8 @@ def run_variant(config: dict[str, Any], variant: str, data: Dataset, out: Path, 
                               "seconds": time.time() - t0}
         result["finetuned"] = score(module, x_test, ev, progress)
     result["complete"] = True
-    write_json(out / "result.json", result)
-    (out / "result.md").write_text(render_table([result]))
+    write_report(out, "result", result, render_table([result]), config=config, command=command)
     return result
-
-
-def _without(config: dict[str, Any], key: str) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k != key}
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:
@@ -283,45 +293,45 @@ def render_table(results: list[dict[str, Any]]) -> str:
     ])
 
 
-def run(config: dict[str, Any], variants: list[str], out: Path, device: str, resume: bool, progress: bool,
-        data_dir: str | None = None) -> list[dict[str, Any]]:
+def run(config: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Run every variant (a finished one is read back when resuming) and write the table."""
+    variants = ctx.args.variants.split(",") if ctx.args.variants else list(config["variants"])
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
-        raise ValueError(f"unknown variants {bad}; choose from {VARIANTS}")
-    data = load_dataset(config["dataset"], data_dir).to(device)
+        raise ValueError(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+    data = load_dataset(config["dataset"], ctx.data_dir).to(ctx.device)
     results = []
     for v in variants:
-        done = _read_result(out / v / "result.json") if resume else None
-        if done is not None and done.get("complete"):
+        done = _read_result(ctx.out / v / "result.json") if ctx.resume else None
+        if done is not None and done.get("complete") and not ctx.args.redo_finetune:
             results.append(done)
             continue
-        results.append(run_variant(config, v, data, out / v, device, resume, progress, data_dir))
-    write_json(out / "table.json", {"protocol": results[0]["protocol"], "results": [
-        {k: v for k, v in r.items() if k != "config"} for r in results], "config": config})
-    (out / "table.md").write_text(render_table(results))
+        results.append(run_variant(config, v, data, ctx.out / v, ctx.device, ctx.resume, ctx.progress,
+                                   ctx.data_dir, ctx.command, ctx.args.redo_finetune))
+    rows = [{k: v for k, v in r.items() if k not in ("config", "command")} for r in results]
+    write_report(ctx.out, "table", {"protocol": results[0]["protocol"], "results": rows},
+                 render_table(results), config=config, command=ctx.command)
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = resolve_config(EXPERIMENT, args)
-    except ValueError as e:
-        parser.error(str(e))
+def check_variants(config: dict[str, Any], args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     variants = args.variants.split(",") if args.variants else list(config["variants"])
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         parser.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
 
-    def work(out: Path, device: str) -> None:
-        run(config, variants, out, device, args.resume, not args.no_progress, args.data_dir)
-        print((out / "table.md").read_text())
-        print(f"results: {out / 'table.json'}", file=sys.stderr)
 
+DRAW_EXPERIMENT = Experiment(
+    name=EXPERIMENT, prog="python -m experiments.draw", description=__doc__, default_out=DEFAULT_OUT, run=run,
+    add_args=add_args, prepare=check_variants,
     # Fine-tuning is a stage a resumed run may redo with other settings (the raw scores are kept).
-    return run_experiment(args, DEFAULT_OUT, config, work, resumable=("finetune.",))
+    resumable=FINETUNE, summary=(("table.md", "table.json"),),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return DRAW_EXPERIMENT.main(argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,13 @@ fixed seed on all test images, identical for every method. Scores are on the tru
 - MIWAE: its importance-weighted estimate of −log p(x_u | x_k) (a ratio of two importance sums);
 - MSE on the missing pixels of the method's point imputation against the grey-level test image (the GAIN
   literature's metric): the policies' mean of σ(c_T) over several roll-outs of p, VAE imputation's final step
-  averaged over runs, the matched template, MIWAE's self-normalised importance mean.
+  averaged over runs, the matched template, MIWAE's self-normalised importance mean;
+- calibration of the per-pixel predicted probability P(x_d = 1 | x_k) of every hidden pixel against the
+  binarised test pixel the NLL scores: a reliability diagram in 10 equal-width bins and the expected
+  calibration error (ECE, Guo et al. 2017; :mod:`inference.calibration`). The probability is the same point
+  imputation the MSE uses, read as a Bernoulli mean (each method's is stated in ``calibration.predicted``):
+  the policies' mean of σ(c_T) over roll-outs of p, VAE imputation's final-step decoder mean averaged over
+  runs, the matched training image's grey level, MIWAE's importance mixture of decoder means.
 
 Outputs in ``--out``: result.json (every number and its protocol), result.md, and for the trained methods
 metrics.jsonl, checkpoint.pt, best.pt (best validation bound, the weights evaluated) and rollouts.png (two
@@ -45,19 +51,14 @@ import torch
 
 from experiments.common import (
     KHAT_KEYS,
-    Parser,
-    add_common_args,
     batched,
     build_imputer,
     build_registered,
     load_vae,
     markdown_table,
     positive_int,
-    resolve_config,
-    run_experiment,
     save_image_grid,
     train_best,
-    write_json,
 )
 from experiments.data import (
     IMAGE_SHAPES,
@@ -67,6 +68,10 @@ from experiments.data import (
     fixed_binarize,
     load_dataset,
 )
+from experiments.report import write_report
+from experiments.runner import Experiment, RunContext
+from experiments.runs import vae_imputation
+from inference.calibration import reliability
 from inference.iwae import IWAE_ELBO
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from inference.scoring import nll_summary, score_bound_and_iwae
@@ -74,21 +79,18 @@ from ppl_models.imputation_policy import ImputationPolicy
 from ppl_models.masks import MaskProcess, make_mask_process
 from ppl_models.miwae import miwae_impute
 from ppl_models.template_matching import template_match
-from ppl_models.vae import vae_impute
 
 EXPERIMENT = "imputation"
 DEFAULT_OUT = "runs/imputation"
 POLICIES = ("gpsi-add", "gpsi-jump", "lstm-add", "lstm-jump")
 METHODS = (*POLICIES, "vae-imp", "tm-honest", "tm-oracular", "miwae")
 TEST_MASK_SEED = 1234
+CALIBRATION_BINS = 10
+CALIBRATION_TARGET = ("the binarised test pixel (the fixed binarisation, seed 0, whose NLL is scored), "
+                      "hidden pixels only")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="python -m experiments.imputation",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_common_args(parser, EXPERIMENT, DEFAULT_OUT)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=METHODS,
                         help="imputation method (required): the trained policies (gpsi-*, lstm-*), VAE "
                         "imputation, honest/oracular template matching, or MIWAE")
@@ -97,9 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "percent in (0, 100] (mcar-100 = unconditional), mar-<size> (a size x size square), "
                         "e.g. mar-14, mcar-80")
     parser.add_argument("--num-steps", dest="num_steps", type=positive_int, default=None,
-                        help="refinement steps T of the policy, >= 1 (default: the preset's, per model "
-                        "family)")
-    return parser
+                        help="refinement steps T of a trained policy (gpsi-*, lstm-*), >= 1 (num_steps; "
+                        "default: the preset's, per model family)")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -136,6 +137,14 @@ def missing_mse(imputation: torch.Tensor, grey: torch.Tensor, missing: torch.Ten
     return float(err / missing.sum().clamp_min(1))
 
 
+def calibration(prob: torch.Tensor, x: torch.Tensor, missing: torch.Tensor, predicted: str) -> dict[str, Any]:
+    """Reliability diagram and ECE of the predicted probabilities ``prob`` (B, D) of the hidden pixels
+    (``missing`` = 1) against the binarised test images ``x``, pooled over the test set; ``predicted`` says
+    what the probability is."""
+    rel = reliability(prob, x, mask=missing, num_bins=CALIBRATION_BINS)
+    return {**rel.to_dict(), "predicted": predicted, "target": CALIBRATION_TARGET}
+
+
 # ------------------------------------------------------------------------------------------ methods
 
 
@@ -152,6 +161,8 @@ def evaluate_policy(policy: ImputationPolicy, x: torch.Tensor, mask: torch.Tenso
             lambda a, b: torch.stack([policy.impute(a, b)[-1] for _ in range(rollouts)]).mean(0),
             x, mask, batch_size=bs))
     draws, K, n_iw, health = s.bound_draws, ev["iw_samples"], s.num_iw, s.estimate.summary()
+    predicted = (f"mean over {rollouts} roll-outs of p of the final Bernoulli mean sigma(c_T) of the pixel "
+                 "(the MSE's point imputation): a Monte Carlo estimate of p's P(x_d = 1 | x_k)")
     return {
         "bound": summarise(s.bound, missing, "bound (upper bound on -log p(x_u|x_k))",
                            f"mean of {draws} single-sample path-wise KL bounds per image"),
@@ -162,6 +173,7 @@ def evaluate_policy(policy: ImputationPolicy, x: torch.Tensor, mask: torch.Tenso
         },
         "mse": missing_mse(mean_imp, grey, missing),
         "mse_protocol": f"mean of sigma(c_T) over {rollouts} roll-outs of p vs grey-level test pixels",
+        "calibration": calibration(mean_imp, x, missing, predicted),
     }
 
 
@@ -180,7 +192,7 @@ def rollout_figure(policy: ImputationPolicy, x: torch.Tensor, mask: torch.Tensor
 
 
 def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: str, resume: bool,
-        progress: bool, data_dir: str | None = None) -> dict[str, Any]:
+        progress: bool, data_dir: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Train (where the method learns) and evaluate one method under one mask setting."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -218,9 +230,8 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
     elif method == "vae-imp":
         vae = load_vae(config, data, out, device, progress, data_dir)
         runs, steps = ev["vae_runs"], ev["vae_steps"]
-        parts = batched(lambda a, b: vae_impute(vae, a, b, num_steps=steps, num_runs=runs,
-                                                fill=data.train.mean(0)), x_test, m_test,
-                        batch_size=ev["batch_size"])
+        parts = batched(lambda a, b: vae_imputation(vae, a, b, data.train.mean(0), steps, runs), x_test,
+                        m_test, batch_size=ev["batch_size"])
         nll = torch.cat([p.nll for p in parts], dim=2)  # (runs, steps, B)
         per_step = nll.mean(dim=(0, 2))
         best_step = int(per_step.argmin())
@@ -232,8 +243,14 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
             "step": best_step + 1,
         }
         result["per_step_nll_per_image"] = per_step.tolist()
-        result["mse"] = missing_mse(torch.cat([p.final_mean for p in parts]), grey, missing)
+        final_mean = torch.cat([p.final_mean for p in parts])
+        result["mse"] = missing_mse(final_mean, grey, missing)
         result["mse_protocol"] = f"final-step imputation averaged over {runs} runs vs grey-level test pixels"
+        result["calibration"] = calibration(
+            final_mean, x_test, missing,
+            f"mean over {runs} runs of the final step's (step {steps}) decoder Bernoulli mean "
+            "sigma(decoder(z)) of the pixel (the MSE's point imputation; the honest NLL scores each run's "
+            "means separately, this is their mixture)")
     elif method in ("tm-honest", "tm-oracular"):
         mode = method.split("-")[1]
         # The training images (grey levels) are the Bernoulli means, as in the paper's code.
@@ -242,6 +259,11 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
                                     f"{data.train.shape[0]} training images as templates")
         result["mse"] = missing_mse(tm.imputation, grey, missing)
         result["mse_protocol"] = "matched training image (grey levels) vs grey-level test pixels"
+        matched = "known pixels" if mode == "honest" else "missing pixels (oracular: it sees the truth)"
+        result["calibration"] = calibration(
+            tm.imputation, x_test, missing,
+            f"grey level of the pixel in the training image matched on the {matched}: the Bernoulli mean the "
+            "exact NLL scores (which clamps it to [1e-6, 1 - 1e-6])")
     else:  # miwae
         mc = config["miwae"]
         miwae = build_registered("miwae", {k: mc[k] for k in ("z_dim", "hidden")}, x_dim).to(device)
@@ -260,8 +282,13 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
         result["iw_estimate"] = summarise(-torch.cat([p.log_lik for p in parts]), missing,
                                           "estimate (self-normalised importance ratio)",
                                           f"K={K} encoder samples per image")
-        result["mse"] = missing_mse(torch.cat([p.imputation for p in parts]), grey, missing)
+        imputed = torch.cat([p.imputation for p in parts])
+        result["mse"] = missing_mse(imputed, grey, missing)
         result["mse_protocol"] = f"self-normalised importance mean (K={K}) vs grey-level test pixels"
+        result["calibration"] = calibration(
+            imputed, x_test, missing,
+            f"self-normalised importance mixture sum_k w_k sigma(decoder(z_k)) of the pixel's decoder means, "
+            f"K={K} encoder samples (the MSE's point imputation): MIWAE's estimate of P(x_d = 1 | x_k)")
 
     result["eval_seconds"] = time.time() - t0
     result["protocol"] = {
@@ -273,9 +300,11 @@ def run(config: dict[str, Any], method: str, mask_spec: str, out: Path, device: 
         "nll_units": "nats; per image = summed over the image's missing pixels; per pixel = total NLL / "
         "total missing pixels",
         "mse": "on missing pixels, point imputation vs the grey-level (unbinarised) test image",
+        "calibration": f"reliability of the per-pixel predicted probability of each hidden pixel against "
+        f"{CALIBRATION_TARGET}; {CALIBRATION_BINS} equal-width bins; ECE = sum_b (n_b/N)|freq_b - conf_b| "
+        "(Guo et al. 2017)",
     }
-    write_json(out / "result.json", result)
-    (out / "result.md").write_text(render_markdown([result]))
+    write_report(out, "result", result, render_markdown([result]), config=config, command=command)
     return result
 
 
@@ -302,41 +331,73 @@ def render_markdown(results: list[dict[str, Any]]) -> str:
             f"{bound['nll_per_image']:.1f}" if bound else "–",
             f"{orac['nll_per_image']:.1f} (step {orac['step']})" if orac else "–",
             f"{r['mse']:.4f}",
+            f"{r['calibration']['ece']:.4f}" if "calibration" in r else NOT_MEASURED,
         ])
     p = results[0]["protocol"]
     d = p["data"]
-    return "\n".join([
+    lines = [
         f"Data: {d['name']}, scored on the test split ({p['num_test_images']} images); binarisation: "
         f"{p['binarization']['description']} Test masks: {p['test_masks']}. NLL in {p['nll_units']}.",
         "",
         markdown_table(["method", "mask", "NLL nats/image", "nats/missing px", "kind", "bound nats/image",
-                        "oracular (paper's VAE score)", "MSE missing"], rows),
+                        "oracular (paper's VAE score)", "MSE missing", "ECE hidden px"], rows),
         "",
+    ]
+    for r in results:
+        if "calibration" in r:
+            lines += [calibration_markdown(r["calibration"], f"{r['method']}, {r['mask']}"), ""]
+    return "\n".join(lines)
+
+
+NOT_MEASURED = "not measured (rerun the cell with --force)"
+
+
+def calibration_markdown(c: dict[str, Any], name: str) -> str:
+    """A cell's calibration: what was scored, its ECE, and the reliability diagram as a table of bins."""
+    edges = c["bin_edges"]
+    bins = [f"{'[' if b == 0 else '('}{edges[b]:.2f}, {edges[b + 1]:.2f}]" for b in range(c["num_bins"])]
+    rows = [[label, n, "–" if conf is None else f"{conf:.3f}", "–" if freq is None else f"{freq:.3f}"]
+            for label, n, conf, freq in zip(bins, c["bin_count"], c["bin_mean_prob"], c["bin_freq"],
+                                            strict=True)]
+    return "\n".join([
+        f"Calibration of {name} on {c['num_pixels']} hidden test pixels: **ECE {c['ece']:.4f}** (largest bin "
+        f"gap, MCE, {c['mce']:.3f}). Predicted probability: {c['predicted']}. Against: {c['target']}. "
+        f"{c['num_bins']} equal-width bins; ECE = sum_b (n_b/N)|frequency_b - mean predicted_b|.",
+        "",
+        markdown_table(["predicted probability bin", "pixels", "mean predicted", "frequency of 1s"], rows),
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = resolve_config(EXPERIMENT, args)
-    except ValueError as e:
-        parser.error(str(e))
+def prepare(config: dict[str, Any], args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Check --mask and the options that only some methods use; the method and mask are part of the
+    configuration (resume compares them)."""
     try:
         process = make_mask_process(args.mask, IMAGE_SHAPES[config["dataset"]])
     except ValueError as e:
         parser.error(f"--mask {args.mask}: {e}")
     if getattr(process, "percent", None) == 0:
         parser.error(f"--mask {args.mask} hides no pixel: nothing to impute; use a percentage in (0, 100]")
+    if args.num_steps is not None and args.method not in POLICIES:
+        parser.error(f"--num-steps sets the refinement steps of a trained policy ({', '.join(POLICIES)}); "
+                     f"{args.method} has none")
     args.out = args.out or f"{DEFAULT_OUT}/{args.preset}/{args.mask}/{args.method}"
-    config["method"], config["mask"] = args.method, args.mask  # part of what ran: resume compares them
+    config["method"], config["mask"] = args.method, args.mask
 
-    def work(out: Path, device: str) -> None:
-        run(config, args.method, args.mask, out, device, args.resume, not args.no_progress, args.data_dir)
-        print((out / "result.md").read_text())
-        print(f"results: {out / 'result.json'}", file=sys.stderr)
 
-    return run_experiment(args, DEFAULT_OUT, config, work)
+def run_from_command_line(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    return run(config, ctx.args.method, ctx.args.mask, ctx.out, ctx.device, ctx.resume, ctx.progress,
+               ctx.data_dir, ctx.command)
+
+
+IMPUTATION_EXPERIMENT = Experiment(
+    name=EXPERIMENT, prog="python -m experiments.imputation", description=__doc__, default_out=DEFAULT_OUT,
+    run=run_from_command_line, add_args=add_args, prepare=prepare, summary=(("result.md", "result.json"),),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return IMPUTATION_EXPERIMENT.main(argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,9 @@ Each cell is one run of :mod:`experiments.imputation` in ``<out>/<mask>/<method>
 ``result.json`` exists is read, not re-run, and an interrupted cell resumes from its checkpoint, so the
 command can be repeated until the table is complete. Outputs in ``--out``: table.md (the tables, each with
 its protocol, and the paper's MNIST numbers quoted apart), table.json (every cell's numbers and protocol),
-sweep.png and sweep.json (bound and importance-weighted estimate against the number of steps).
+sweep.png and sweep.json (bound and importance-weighted estimate against the number of steps), and
+calibration.png (the reliability diagram of each method's per-pixel predicted probability of the hidden test
+pixels, one panel per mask; its expected calibration error is a section of table.md).
 """
 
 from __future__ import annotations
@@ -24,16 +26,8 @@ from typing import Any
 import torch
 
 from experiments import imputation
-from experiments.common import (
-    Parser,
-    add_common_args,
-    degenerate_cell,
-    fmt_or_na,
-    markdown_table,
-    resolve_config,
-    run_experiment,
-    write_json,
-)
+from experiments.report import degenerate_cell, fmt_or_na, markdown_table, write_json, write_report
+from experiments.runner import Experiment, RunContext
 
 EXPERIMENT = "imputation"
 DEFAULT_OUT = "runs/imputation-table"
@@ -55,12 +49,7 @@ LABELS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="python -m experiments.imputation_table",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_common_args(parser, EXPERIMENT, DEFAULT_OUT)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", nargs="+", default=None,
                         help="mask settings to run (default: the preset's table.masks), e.g. mar-14 mcar-80")
     parser.add_argument("--methods", nargs="+", default=None, choices=imputation.METHODS,
@@ -68,31 +57,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-sweep", action="store_true", help="skip the refinement-steps sweep (Fig. 2c)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing; write the tables from the cells already in --out")
-    return parser
 
 
-def run_cell(config: dict[str, Any], method: str, mask: str, out: Path, args: argparse.Namespace,
+def run_cell(config: dict[str, Any], method: str, mask: str, out: Path, ctx: RunContext,
              run: bool) -> dict[str, Any] | None:
+    """One cell of the table: read back when finished (unless --force), else run (resuming from its
+    checkpoint) when ``run``."""
     path = out / "result.json"
-    if path.is_file() and not args.force:
+    if path.is_file() and not ctx.args.force:
         return json.loads(path.read_text())
     if not run:
         return None
     out.mkdir(parents=True, exist_ok=True)
     resume = (out / "checkpoint.pt").is_file()
-    return imputation.run(config, method, mask, out, args.device, resume, not args.no_progress, args.data_dir)
+    return imputation.run(config, method, mask, out, ctx.device, resume, ctx.progress, ctx.data_dir,
+                          ctx.command)
 
 
-def sweep(config: dict[str, Any], out: Path, args: argparse.Namespace, run: bool) -> list[dict[str, Any]]:
+def sweep(config: dict[str, Any], out: Path, ctx: RunContext, run: bool) -> list[dict[str, Any]]:
     """Fig. 2(c): GPSI trained and scored with each number of refinement steps under one mask setting."""
     s = config["table"]["sweep"]
     rows = []
     for update in s["updates"]:
         for steps in s["steps"]:
             cfg = {**config, "num_steps": steps, "train": {**config["train"], "epochs": s["epochs"]},
-                   "eval": {**config["eval"], **s.get("eval", {})}}
+                   "eval": {**config["eval"], **{k: v for k, v in s["eval"].items() if v is not None}}}
             cell = out / "sweep" / f"gpsi-{update}-T{steps}"
-            r = run_cell(cfg, f"gpsi-{update}", s["mask"], cell, args, run)
+            r = run_cell(cfg, f"gpsi-{update}", s["mask"], cell, ctx, run)
             if r is not None:
                 rows.append({"method": f"gpsi-{update}", "steps": steps, "mask": s["mask"],
                              "bound": r["bound"], "iw_estimate": r["iw_estimate"], "mse": r["mse"],
@@ -122,8 +113,120 @@ def khat_cell(r: dict[str, Any] | None) -> str:
             f"{degenerate_cell(e)}")
 
 
-def render(config: dict[str, Any], cells: dict[str, dict[str, dict[str, Any]]], masks: list[str],
-           methods: list[str], sweep_rows: list[dict[str, Any]], out: Path) -> str:
+Cells = dict[str, dict[str, dict[str, Any]]]  # mask -> method -> result.json
+
+
+def calibration_summary(cells: Cells, masks: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """ECE per mask and method for table.json: ``{ece, mce, num_pixels}``, or None for a cell written before
+    calibration was measured (absent cells are left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for mask in masks:
+        for m in methods:
+            r = cells.get(mask, {}).get(m)
+            if r is None:
+                continue
+            c = r.get("calibration")
+            out.setdefault(mask, {})[m] = None if c is None else \
+                {"ece": c["ece"], "mce": c["mce"], "num_pixels": c["num_pixels"]}
+    return out
+
+
+def ece_cell(r: dict[str, Any] | None) -> str:
+    """A cell of the calibration table: "ECE (N px)", "not measured ..." for an older cell, "–" for none."""
+    if r is None:
+        return "–"
+    c = r.get("calibration")
+    return imputation.NOT_MEASURED if c is None else f"{c['ece']:.4f} ({c['num_pixels']:,} px)"
+
+
+def calibration_lines(cells: Cells, masks: list[str], methods: list[str], figure: bool) -> list[str]:
+    """The "Calibration" section of table.md: the ECE table, what each method's probability is, the figure."""
+    measured = [r["calibration"] for per in cells.values() for r in per.values() if "calibration" in r]
+    bins = measured[0]["num_bins"] if measured else imputation.CALIBRATION_BINS
+    lines = [
+        "## Calibration of the imputations (hidden test pixels; lower ECE is better)",
+        "",
+        "For every hidden pixel of every test image, the method's predicted probability that the pixel is 1 "
+        "is set against the binarised test pixel the NLL scores (the fixed binarisation of the test set), "
+        f"pooled over the test set in {bins} equal-width bins of the probability. ECE = Σ_b (n_b/N) "
+        "|frequency of 1s_b − mean predicted_b| (Guo et al. 2017, Sec. 2); 0 is calibrated, up to sampling "
+        "noise of about sqrt(f (1 − f) / n_b) per bin, so with few hidden pixels small differences mean "
+        "nothing. ECE is not a proper score (predicting the base rate everywhere is calibrated): read it "
+        "beside the NLL. In brackets: the hidden pixels behind each number.",
+        "",
+        markdown_table(["method", *masks],
+                       [[LABELS[m], *[ece_cell(cells.get(mask, {}).get(m)) for mask in masks]]
+                        for m in methods]),
+        "",
+    ]
+    predicted = {}
+    for m in methods:
+        for mask in masks:
+            c = cells.get(mask, {}).get(m, {}).get("calibration")
+            if c is not None:
+                predicted.setdefault(m, c["predicted"])
+    if predicted:
+        lines += ["The predicted probability of a hidden pixel, per method:", ""]
+        lines += [f"- {LABELS[m]}: {text}." for m, text in predicted.items()]
+        lines.append("")
+    if figure:
+        lines += ["Reliability diagrams (frequency of 1s against mean predicted probability per bin; the "
+                  "diagonal is calibration; above it the method predicts too few 1s, below it too many; "
+                  "marker area in proportion to the pixels in the bin):", "",
+                  "![calibration](calibration.png)", ""]
+    return lines
+
+
+def plot_calibration(cells: Cells, masks: list[str], methods: list[str], path: Path) -> bool:
+    """Reliability diagrams, one panel per mask and one line per method; False (and no file) if no cell was
+    measured."""
+    if not any("calibration" in r for per in cells.values() for r in per.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(masks), figsize=(4.4 * len(masks), 5.4), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, mask in zip(axes[0], masks, strict=True):
+        ax.plot([0, 1], [0, 1], color="0.5", ls="--", lw=1, label="calibrated")
+        drawn = 0
+        for i, m in enumerate(methods):
+            c = cells.get(mask, {}).get(m, {}).get("calibration")
+            if c is None:
+                continue
+            pts = [(conf, freq, n) for conf, freq, n in
+                   zip(c["bin_mean_prob"], c["bin_freq"], c["bin_count"], strict=True) if n]
+            colour = colours(i % 10)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", lw=1.1, color=colour,
+                    label=f"{LABELS[m]} (ECE {c['ece']:.3f})")
+            # Marker area in proportion to the bin's share of the pixels: a far-off point with a tiny
+            # marker is a nearly empty bin (sampling noise), not miscalibration.
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colour, zorder=3,
+                       s=[4 + 150 * p[2] / c["num_pixels"] for p in pts])
+            drawn += 1
+        if not drawn:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        pixels = {c["num_pixels"] for r in cells.get(mask, {}).values() if (c := r.get("calibration"))}
+        npx = f"{pixels.pop():,} hidden px" if len(pixels) == 1 else "hidden px"
+        ax.set_title(f"{mask} ({npx})", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("mean predicted probability of a 1 (per bin)")
+        ax.set_ylabel("observed frequency of 1s")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    fig.suptitle("Reliability of the imputations, hidden test pixels (marker area: share of the pixels in "
+                 "the bin)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def render(config: dict[str, Any], cells: Cells, masks: list[str], methods: list[str],
+           sweep_rows: list[dict[str, Any]], out: Path, calibration_figure: bool = False) -> str:
     any_cell = next(r for per in cells.values() for r in per.values())
     p = any_cell["protocol"]
     d = p["data"]
@@ -201,6 +304,7 @@ def render(config: dict[str, Any], cells: dict[str, dict[str, dict[str, Any]]], 
         "",
         markdown_table(head, rows(lambda r: "–" if r is None else f"{r['mse']:.4f}")),
         "",
+        *calibration_lines(cells, masks, methods, calibration_figure),
         "## Importance-sampling health of the policies' estimates (PSIS k-hat median / fraction > 0.7 / "
         "fraction degenerate (their mean ESS))",
         "",
@@ -266,43 +370,49 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = resolve_config(EXPERIMENT, args)
-    except ValueError as e:
-        parser.error(str(e))
+def run(config: dict[str, Any], ctx: RunContext) -> None:
+    """Every cell of the table (finished ones read back), the sweep, the figures and the table page."""
+    args, out = ctx.args, ctx.out
+    masks = args.masks or config["table"]["masks"]
+    methods = args.methods or config["table"]["methods"]
+    run = not args.report_only
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    for mask in masks:
+        for method in methods:
+            r = run_cell(config, method, mask, out / mask / method, ctx, run)
+            if r is not None:
+                cells.setdefault(mask, {})[method] = r
+    if not cells:
+        raise ValueError(f"no finished cells in {out}; run without --report-only first")
+    sweep_rows = [] if args.no_sweep else sweep(config, out, ctx, run)
+    if sweep_rows:
+        write_json(out / "sweep.json", sweep_rows)
+        plot_sweep(sweep_rows, out / "sweep.png")
+    figure = plot_calibration(cells, masks, methods, out / "calibration.png")
+    write_report(out, "table", {"masks": masks, "methods": methods, "cells": cells,
+                                "calibration": calibration_summary(cells, masks, methods),
+                                "sweep": sweep_rows, "paper_table1_mnist": PAPER_MNIST,
+                                "torch": torch.__version__},
+                 render(config, cells, masks, methods, sweep_rows, out, figure), config=config,
+                 command=ctx.command)
+
+
+def prepare(config: dict[str, Any], args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     # The table is resumable cell by cell: rerunning into its own directory continues it.
     # --force starts the table afresh: no finished cell is reused.
     table = Path(args.out or f"{DEFAULT_OUT}/{args.preset}") / "table.json"
     args.resume = args.resume or args.report_only or (table.is_file() and not args.force)
 
-    def work(out: Path, device: str) -> None:
-        args.device = device
-        masks = args.masks or config["table"]["masks"]
-        methods = args.methods or config["table"]["methods"]
-        run = not args.report_only
-        cells: dict[str, dict[str, dict[str, Any]]] = {}
-        for mask in masks:
-            for method in methods:
-                r = run_cell(config, method, mask, out / mask / method, args, run)
-                if r is not None:
-                    cells.setdefault(mask, {})[method] = r
-        if not cells:
-            raise ValueError(f"no finished cells in {out}; run without --report-only first")
-        sweep_rows = [] if args.no_sweep else sweep(config, out, args, run)
-        if sweep_rows:
-            write_json(out / "sweep.json", sweep_rows)
-            plot_sweep(sweep_rows, out / "sweep.png")
-        write_json(out / "table.json", {"config": config, "masks": masks, "methods": methods, "cells": cells,
-                                        "sweep": sweep_rows, "paper_table1_mnist": PAPER_MNIST,
-                                        "torch": torch.__version__})
-        (out / "table.md").write_text(render(config, cells, masks, methods, sweep_rows, out))
-        print((out / "table.md").read_text())
-        print(f"results: {out / 'table.json'}", file=sys.stderr)
 
-    return run_experiment(args, DEFAULT_OUT, config, work)
+TABLE_EXPERIMENT = Experiment(
+    name=EXPERIMENT, prog="python -m experiments.imputation_table", description=__doc__,
+    default_out=DEFAULT_OUT, run=run, add_args=add_args, prepare=prepare,
+    summary=(("table.md", "table.json"),),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return TABLE_EXPERIMENT.main(argv)
 
 
 if __name__ == "__main__":

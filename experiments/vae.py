@@ -9,14 +9,15 @@ Protocol (stated in every output): training images are binarised dynamically (a 
 the grey levels for every minibatch); validation and test images are binarised once with a fixed seed;
 the test NLL is -log p̂(x) from K importance samples of the guide, averaged over the test set, with PSIS
 k-hat and the ESS of the weights per image; the bound is the mean of 10 single-sample path-wise KL
-ELBOs per image. Outputs in ``--out``: results.json, results.md, samples.png, curves.png, metrics.jsonl,
-checkpoint.pt (last epoch, for --resume) and best.pt (best validation epoch, the one evaluated).
+ELBOs per image. Training follows every experiment's rule (:func:`experiments.common.train_best`: Adam with a
+per-update learning-rate decay, the global gradient norm clipped where the preset says). Outputs in
+``--out``: results.json, results.md, samples.png, curves.png, metrics.jsonl, config.json, checkpoint.pt
+(last epoch, for --resume) and best.pt (best validation epoch, the one evaluated).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,110 +25,65 @@ from typing import Any
 import pyro
 import torch
 
-from experiments.common import (
-    Parser,
-    add_common_args,
-    fmt_or_na,
-    markdown_table,
-    positive_float,
-    positive_int,
-    resolve_config,
-    run_experiment,
-    save_curves,
-    save_image_grid,
-    write_json,
-)
+from experiments.common import build_registered, positive_int, train_best
 from experiments.data import Dataset, binarization_protocol, dynamic_binarize, fixed_binarize, load_dataset
+from experiments.report import fmt_or_na, markdown_table, save_curves, save_image_grid, write_report
+from experiments.runner import Experiment, RunContext
 from inference.diagnostics import bound_ladder, khat_summary
-from inference.importance import importance_log_likelihood
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
-from inference.train import Trainer
+from inference.scoring import nll_summary, score_bound_and_iwae
 from ppl_models.vae import VAE
 
 EXPERIMENT = "vae"
 DEFAULT_OUT = "runs/vae"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="python -m experiments.vae",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_common_args(parser, EXPERIMENT, DEFAULT_OUT)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--z-dim", dest="z_dim", type=positive_int, default=None,
-                        help="latent dimension, >= 1 (default: the preset's)")
+                        help="latent dimension, >= 1 (model.z_dim; default: the preset's)")
     parser.add_argument("--hidden", type=positive_int, nargs="+", default=None,
-                        help="hidden layer sizes of the MLPs, each >= 1 (default: the preset's)")
-    parser.add_argument("--lr", type=positive_float, default=None,
-                        help="Adam learning rate at the start, > 0 (default: the preset's)")
-    parser.add_argument("--lr-final", dest="lr_final", type=positive_float, default=None,
-                        help="learning rate reached at the last step (per-step exponential decay), > 0 "
-                        "(default: the preset's)")
-    parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=None,
-                        help="minibatch size, >= 1 (default: the preset's)")
-    parser.add_argument("--eval-samples", dest="eval_samples", type=positive_int, default=None,
+                        help="hidden layer sizes of the MLPs, each >= 1 (model.hidden; default: the "
+                        "preset's)")
+    parser.add_argument("--iw-samples", dest="iw_samples", type=positive_int, default=None,
                         help="K, importance samples per test image for the log-likelihood estimate, >= 1 "
-                        "(default: the preset's)")
-    return parser
+                        "(eval.iw_samples; default: the preset's)")
 
 
-def elbo_per_image(vae: VAE, x: torch.Tensor, num_draws: int = 1, batch_size: int = 1000) -> float:
-    """Mean over images of the path-wise KL ELBO, each image's bound averaged over ``num_draws`` draws."""
-    elbo = PathwiseKL_ELBO()
-    total = 0.0
-    with torch.no_grad():
-        for _ in range(num_draws):
-            for start in range(0, x.shape[0], batch_size):
-                total += -elbo.loss(vae.model, vae.guide, x[start : start + batch_size])
-    return total / (num_draws * x.shape[0])
-
-
-def run(config: dict[str, Any], out, device: str, resume: bool, progress: bool,
-        data_dir: str | None = None) -> dict[str, Any]:
+def train_and_score(config: dict[str, Any], out: Path, device: str, resume: bool, progress: bool,
+                    data_dir: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns (and writes) the results."""
     data: Dataset = load_dataset(config["dataset"], data_dir).to(device)
-    valid = fixed_binarize(data.valid)
+    t, ev = config["train"], config["eval"]
+    valid = fixed_binarize(data.valid)[: t["valid_limit"]]
     test = fixed_binarize(data.test)
     if config.get("eval_limit"):
         test = test[: config["eval_limit"]]
 
     pyro.set_rng_seed(config["seed"])
-    vae = VAE(x_dim=data.train.shape[1], z_dim=config["z_dim"], hidden=tuple(config["hidden"]))
-
-    def evaluate(epoch: int) -> dict[str, float]:
-        return {"valid_elbo": elbo_per_image(vae, valid)}
-
-    # Per-step learning-rate decay from lr to lr_final over the whole run (ClippedAdam's lrd).
-    steps = config["epochs"] * -(-data.train.shape[0] // config["batch_size"])
-    lrd = (config.get("lr_final", config["lr"]) / config["lr"]) ** (1.0 / max(steps, 1))
-    trainer = Trainer(
-        vae.model, vae.guide, vae, PathwiseKL_ELBO(),
-        pyro.optim.ClippedAdam({"lr": config["lr"], "lrd": lrd, "clip_norm": config.get("clip_norm", 10.0)}),
-        train_data=data.train, batch_size=config["batch_size"], epochs=config["epochs"],
-        seed=config["seed"], device=device, out_dir=out,
-        transform=lambda x, g: dynamic_binarize(x, g),
-        evaluate=evaluate, progress=progress,
-        # Model selection on the validation split: the best validation ELBO's weights are evaluated.
-        keep_best="valid_elbo",
-    )
+    vae: VAE = build_registered("vae", config["model"], data.train.shape[1])
+    elbo = PathwiseKL_ELBO()
     t0 = time.time()
-    metrics = trainer.fit(resume=resume)
+    # Model selection on the validation split: the weights of the best validation ELBO are evaluated.
+    fit = train_best(vae, elbo, lambda x: -elbo.per_datum(vae.model, vae.guide, x).sum(), config, data.train,
+                     lambda x, g: dynamic_binarize(x, g), (valid,), out, device, resume, progress)
     train_seconds = time.time() - t0
 
-    best = trainer.load_best()
-    vae.eval()
-    K = config["eval_samples"]
     t0 = time.time()
-    est = importance_log_likelihood(
-        vae.model, vae.guide, test, num_samples=K, batch_size=config.get("eval_batch", 100),
-        chunk_size=config.get("eval_chunk", 500), progress=progress,
-    )
+    s = score_bound_and_iwae(vae.model, vae.guide, test, bound_draws=ev["bound_draws"],
+                             iw_samples=ev["iw_samples"], iw_limit=ev["iw_limit"],
+                             batch_size=ev["batch_size"], iw_batch=ev["iw_batch"], iw_chunk=ev["iw_chunk"],
+                             progress=progress)
     eval_seconds = time.time() - t0
-    bound = elbo_per_image(vae, test, num_draws=10)
-    n_ladder = min(500, test.shape[0])
-    ladder = bound_ladder(vae.model, vae.guide, test[:n_ladder], ks=(1, 10, 100, 1000), progress=progress)
+    iw, bound = nll_summary(s.iwae), nll_summary(s.bound)
+    K = ev["iw_samples"]
+    n_ladder = min(ev["ladder_images"], test.shape[0])
+    ladder = None
+    if n_ladder:
+        lad = bound_ladder(vae.model, vae.guide, test[:n_ladder], ks=(1, 10, 100, 1000), progress=progress)
+        ladder = {"num_images": n_ladder, "elbo": lad["elbo"], "iwae": lad["iwae"],
+                  **khat_summary(lad["khat"], lad["degenerate"], lad["ess"])}
 
-    summary = est.summary()
+    metrics = _read_metrics(out)
     results = {
         "experiment": EXPERIMENT,
         "config": config,
@@ -138,62 +94,72 @@ def run(config: dict[str, Any], out, device: str, resume: bool, progress: bool,
             "num_test_images": int(test.shape[0]),
             "nll_estimate": f"importance-sampled estimate, K={K} guide samples per image (IWAE-{K}); "
             "an estimate of -log p(x), not a bound",
-            "bound": "mean over 10 draws of the single-sample path-wise KL ELBO (analytic KL); "
-            "an upper bound on -log p(x) in expectation",
+            "bound": f"mean over {ev['bound_draws']} draws of the single-sample path-wise KL ELBO (analytic "
+            "KL); an upper bound on -log p(x) in expectation",
         },
         "test": {
-            "nll_iwae": summary["nll"],
-            "nll_iwae_stderr": summary["nll_stderr"],
-            "nll_bound": -bound,
-            "importance_sampling": summary,
+            "nll_iwae": iw["nll"],
+            "nll_iwae_stderr": iw["stderr"],
+            "nll_bound": bound["nll"],
+            "nll_bound_stderr": bound["stderr"],
+            "importance_sampling": s.estimate.summary(),
         },
-        "ladder_first_test_images": {
-            "num_images": n_ladder,
-            "elbo": ladder["elbo"],
-            "iwae": ladder["iwae"],
-            **khat_summary(ladder["khat"], ladder["degenerate"], ladder["ess"]),
-        },
+        "ladder_first_test_images": ladder,
         "train": {
-            "epochs": len(metrics),
-            "evaluated_epoch": best["epoch"],
-            "evaluated_epoch_valid_elbo": best["value"],
-            "selection": "weights of the epoch with the best validation ELBO "
-            "(validation split, fixed binarisation)",
+            "epochs": fit["epochs"],
+            "updates": fit["updates"],
+            "evaluated_epoch": fit["evaluated_epoch"],
+            "evaluated_epoch_valid_elbo": -fit["valid_nll"],
+            "selection": f"weights of the epoch with the best validation ELBO (first {valid.shape[0]} "
+            "validation images, fixed binarisation)",
             "final_train_loss": metrics[-1]["train_loss"] if metrics else None,
-            "final_valid_elbo": metrics[-1].get("valid_elbo") if metrics else None,
             "seconds_this_process": train_seconds,
         },
         "eval_seconds": eval_seconds,
         "device": device,
+        "torch": torch.__version__,
     }
-    write_json(out / "results.json", results)
-    (out / "results.md").write_text(render_markdown(results))
+    write_report(out, "results", results, render_markdown(results), config=config, command=command)
     save_image_grid(vae.sample(64), data.image_shape, out / "samples.png",
                     title=f"VAE samples (decoder means), {data.name}")
-    save_curves(metrics, ["train_loss"], out / "curves.png", ylabel="nats per image",
-                title=f"VAE on {data.name}: train loss (-ELBO, dyn. binarised)")
-    if metrics and "valid_elbo" in metrics[0]:
-        neg = [{"epoch": m["epoch"], "train -ELBO": m["train_loss"], "valid -ELBO": -m["valid_elbo"]}
-               for m in metrics]
+    if metrics:
+        neg = [{"epoch": m["epoch"], "train -ELBO": m["train_loss"], "valid -ELBO": -m["valid_bound"]}
+               for m in metrics if "valid_bound" in m]
         save_curves(neg, ["train -ELBO", "valid -ELBO"], out / "curves.png", ylabel="nats per image",
                     title=f"VAE on {data.name}: negative ELBO per image")
     return results
 
 
+def _read_metrics(out: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     p, t, c = r["protocol"], r["test"], r["config"]
-    d = p["data"]
-    K = p["nll_estimate"].split("K=")[1].split(" ")[0]
+    d, tr = p["data"], c["train"]
+    K = c["eval"]["iw_samples"]
     imp = t["importance_sampling"]
+    lr = f"lr {tr['lr']} (constant)" if tr["lr"] == tr["lr_final"] else \
+        f"lr {tr['lr']} decayed per update to {tr['lr_final']}"
+    clip = "no gradient clipping" if tr["clip_norm"] is None else \
+        f"global gradient-norm clip {tr['clip_norm']}"
     lines = [
         f"# VAE on {d['name']} — preset `{c['preset']}`",
         "",
         f"Data: {d['name']} ({d['source']}), split {d['splits']}; scored on the **test** split "
         f"({p['num_test_images']} images).",
-        f"Binarisation: {p['binarization']['description']}",
-        f"Model: MLP VAE, z = {c['z_dim']}, hidden {c['hidden']}, Bernoulli decoder; trained "
-        f"{r['train']['epochs']} epochs with PathwiseKL_ELBO (analytic KL), Adam lr {c['lr']} decayed to "
-        f"{c.get('lr_final', c['lr'])}, batch {c['batch_size']}; evaluated with the weights of epoch "
+        "",
+        f"Binarisation: {p['binarization']['description']}.",
+        "",
+        f"Model: MLP VAE, z = {c['model']['z_dim']}, hidden {c['model']['hidden']}, Bernoulli decoder; "
+        f"trained {r['train']['epochs']} epochs ({r['train']['updates']} updates of batch "
+        f"{tr['batch_size']}) with PathwiseKL_ELBO (analytic KL), Adam {lr}, betas {tuple(tr['betas'])}, "
+        f"{clip}; evaluated with the weights of epoch "
         f"{r['train']['evaluated_epoch']}, the best validation ELBO "
         f"({r['train']['evaluated_epoch_valid_elbo']:.2f} nats per image).",
         "",
@@ -202,8 +168,10 @@ def render_markdown(r: dict[str, Any]) -> str:
             [
                 ["test NLL, importance-sampled", f"{t['nll_iwae']:.2f} ± {t['nll_iwae_stderr']:.2f}",
                  "estimate of -log p(x) (an upper bound on it in expectation)", f"K={K} per image"],
-                ["test -ELBO (path-wise KL)", f"{t['nll_bound']:.2f}", "bound (upper bound on -log p(x))",
-                 "10 draws per image"],
+                ["test -ELBO (path-wise KL)",
+                 f"{t['nll_bound']:.2f} ± {fmt_or_na(t.get('nll_bound_stderr'), '.2f')}",
+                 "bound (upper bound on -log p(x) in expectation)",
+                 f"{c['eval']['bound_draws']} draws per image"],
             ],
         ),
         "",
@@ -217,32 +185,39 @@ def render_markdown(r: dict[str, Any]) -> str:
         "k-hat is not finite), so k-hat says nothing there; such images are not counted in the fractions "
         "above 0.5 and 0.7, and the median is over the others.",
         "",
-        f"Bound ladder on the first {r['ladder_first_test_images']['num_images']} test images "
-        "(log-likelihood bounds, higher is tighter; IWAE-k from K=1000 samples in groups of k):",
-        "",
-        markdown_table(
-            ["ELBO", *[f"IWAE-{k}" for k in r["ladder_first_test_images"]["iwae"]]],
-            [[r["ladder_first_test_images"]["elbo"], *r["ladder_first_test_images"]["iwae"].values()]],
-        ),
-        "",
     ]
+    lad = r.get("ladder_first_test_images")
+    if lad:
+        lines += [
+            f"Bound ladder on the first {lad['num_images']} test images (log-likelihood bounds, higher is "
+            "tighter; IWAE-k from K=1000 samples in groups of k):",
+            "",
+            markdown_table(["ELBO", *[f"IWAE-{k}" for k in lad["iwae"]]],
+                           [[lad["elbo"], *lad["iwae"].values()]]),
+            "",
+        ]
     return "\n".join(lines)
 
 
+def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    return train_and_score(config, ctx.out, ctx.device, ctx.resume, ctx.progress, ctx.data_dir, ctx.command)
+
+
+VAE_EXPERIMENT = Experiment(
+    name=EXPERIMENT, prog="python -m experiments.vae", description=__doc__, default_out=DEFAULT_OUT, run=run,
+    add_args=add_args,
+    # More epochs on --resume: allowed with a constant learning rate (lr == lr_final), where the longer run is
+    # the run made with the longer count from the start; this experiment trains them.
+    more_epochs_retrain=True,
+    summary=(("results.md", "results.json"),),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = resolve_config(EXPERIMENT, args)
-    except ValueError as e:
-        parser.error(str(e))
+    return VAE_EXPERIMENT.main(argv)
 
-    def work(out: Path, device: str) -> None:
-        run(config, out, device, args.resume, not args.no_progress, args.data_dir)
-        print((out / "results.md").read_text())
-        print(f"results: {out / 'results.json'}", file=sys.stderr)
-
-    return run_experiment(args, DEFAULT_OUT, config, work, more_epochs_retrain=True)
 
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main())

@@ -8,10 +8,13 @@ Objectives (one per module, the equation in its docstring): :class:`PathwiseKL_E
 "Data generation as sequential decision making", Eq. 17: negative ELBO with analytic one-step KLs where they
 are valid) and :class:`IWAE_ELBO` (Burda et al. 2016, the importance-weighted bound). Estimators and
 diagnostics: :func:`importance_log_likelihood`, :func:`log_importance_weights`, :func:`bound_ladder`, PSIS
-k-hat and ESS. Training: :class:`Trainer` (checkpoints, exact resume, the NaN stop), :class:`ExtraTerm`
-(extra losses with their own optimisers) and :func:`finetune_guide` (q only, p frozen).
+k-hat and ESS; :func:`reliability` (the reliability diagram and expected calibration error of predicted
+Bernoulli probabilities, Guo et al. 2017). Training: :class:`Trainer` (checkpoints, exact resume, the NaN
+stop), :class:`ExtraTerm` (extra losses with their own optimisers) and :func:`finetune_guide` (q only, p
+frozen).
 """
 
+from inference.calibration import Reliability, reliability
 from inference.diagnostics import (
     bound_ladder,
     check_ladder,
@@ -57,6 +60,7 @@ __all__ = [
     "NonFiniteLossError",
     "PathwiseKLValidityError",
     "PathwiseKL_ELBO",
+    "Reliability",
     "SiteKind",
     "Trainer",
     "analytic_kl",
@@ -80,6 +84,7 @@ __all__ = [
     "max_plate_nesting",
     "per_step_curves",
     "psis_khat",
+    "reliability",
     "same_weighting",
     "save_checkpoint",
 ]

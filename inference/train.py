@@ -253,7 +253,7 @@ class Trainer:
         self.transform, self.evaluate, self.progress = transform, evaluate, progress
         self.clip_norm, self.keep_best = clip_norm, keep_best
         self.checkpoint_every_steps = checkpoint_every_steps
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self._data, self._data_is_tuple = _check_data(train_data)
         self.num_data = self._data[0].shape[0]
 
@@ -695,17 +695,19 @@ def _available_devices() -> list[str]:
     return devices
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: CUDA when present, else the CPU; otherwise the named device, which must exist here (a
+    ``ValueError`` lists the available ones). A CUDA device gets a definite index."""
     available = _available_devices()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r}; available devices: {available}") from e
+        raise ValueError(f"{device!r} is not a device; available devices: {available} (or auto)") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(
-                f"device {device!r} requested but CUDA is not available; available devices: {available}"
-            )
+            raise ValueError(f"CUDA is not available; available devices: {available} (or auto)")
         # Pin the index so that the generator and RNG states refer to one definite GPU.
         index = torch.cuda.current_device() if dev.index is None else dev.index
         if index >= torch.cuda.device_count():

@@ -123,6 +123,9 @@ class DRAWGenerator(ModelGuidePair):
             params += list(self.q_z0.parameters())
         else:
             params.append(self.s0_guide)
+        if self.update == "jump":
+            # c_t = L(h_t) never reads c_{t-1}: the initial canvas c_0 reaches only q's first read.
+            params.append(self.c0)
         return params
 
     @property

@@ -177,6 +177,36 @@ def miwae_impute(
     return MIWAEImputation(torch.cat(log_lik), torch.cat(imputation), num_samples)
 
 
+def miwae_proposal(miwae: MIWAE, x: torch.Tensor, mask: torch.Tensor) -> dist.Normal:
+    """q(z | x_k, m), the encoder's Gaussian over the latent of each image (B, Z); reads only known pixels."""
+    loc, scale = miwae.encode(x, mask)
+    return dist.Normal(loc, scale)
+
+
+def miwae_importance_draws(
+    miwae: MIWAE,
+    q: dist.Normal,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    num: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``num`` draws z_l ~ q (from :func:`miwae_proposal`) per image with their decoder logits and log
+    importance weights log w_l = log p(x_k | z_l) + log p(z_l) − log q(z_l | x_k): (num, B, Z), (num, B, D),
+    (num, B). Only the known pixels of ``x`` are read."""
+    known = mask.bool()
+    loc, scale = q.loc, q.scale
+    device = loc.device if generator is None else generator.device
+    eps = torch.randn((num, *loc.shape), generator=generator, device=device, dtype=loc.dtype)
+    z = loc + scale * eps.to(loc.device)
+    logits = miwae.decode(z)
+    x_safe = torch.where(known, x.to(loc.dtype), 0)  # the hidden values are never read
+    log_px = -F.binary_cross_entropy_with_logits(logits, x_safe.expand_as(logits), reduction="none")
+    prior = dist.Normal(torch.zeros_like(loc), torch.ones_like(loc))
+    log_w = torch.where(known, log_px, 0).sum(-1) + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+    return z, logits, log_w
+
+
 def _impute_batch(
     miwae: MIWAE,
     x: torch.Tensor,
@@ -186,10 +216,9 @@ def _impute_batch(
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     known = mask.bool()
-    loc, scale = miwae.encode(x, mask)  # (B, Z)
+    q = miwae_proposal(miwae, x, mask)
+    loc = q.loc
     x_true = x.to(loc.dtype)
-    x_safe = torch.where(known, x_true, 0)  # only the scored missing-pixel term below reads x_u
-    q, prior = dist.Normal(loc, scale), dist.Normal(torch.zeros_like(loc), torch.ones_like(loc))
     batch = x.shape[0]
     # Accumulators: log Σ w_k p(x_u | z_k), and Σ exp(log w_k − run_max) (times σ_k) with a running max.
     log_num = torch.full((batch,), -torch.inf, dtype=loc.dtype, device=loc.device)
@@ -199,13 +228,7 @@ def _impute_batch(
     done = 0
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
-        device = loc.device if generator is None else generator.device
-        eps = torch.randn((k, *loc.shape), generator=generator, device=device, dtype=loc.dtype)
-        z = loc + scale * eps.to(loc.device)  # (k, B, Z)
-        logits = miwae.decode(z)  # (k, B, D)
-        log_px = -F.binary_cross_entropy_with_logits(logits, x_safe.expand_as(logits), reduction="none")
-        log_px_k = torch.where(known, log_px, 0).sum(-1)
-        log_w = log_px_k + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)  # (k, B)
+        z, logits, log_w = miwae_importance_draws(miwae, q, x, mask, k, generator)
         log_px_u = -F.binary_cross_entropy_with_logits(
             logits, x_true.expand_as(logits), weight=(~known).to(logits.dtype), reduction="none"
         ).sum(-1)

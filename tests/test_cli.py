@@ -13,7 +13,7 @@ from experiments import imputation as imputation_experiment
 from experiments import vae as vae_experiment
 from experiments.common import record_config
 
-SMALL_VAE = ["--preset", "quick", "--epochs", "1", "--eval-samples", "5", "--eval-limit", "10",
+SMALL_VAE = ["--preset", "quick", "--epochs", "1", "--iw-samples", "5", "--eval-limit", "10",
              "--no-progress", "--device", "cpu"]
 
 
@@ -38,10 +38,11 @@ def test_num_steps_override_takes_effect(tmp_path):
     """--num-steps reaches the model (it used to be dropped for both experiments)."""
     from experiments.common import resolve_config
 
-    args = draw_experiment.build_parser().parse_args(["--preset", "quick", "--num-steps", "2"])
+    parser = draw_experiment.DRAW_EXPERIMENT.build_parser()
+    args = parser.parse_args(["--preset", "quick", "--num-steps", "2"])
     assert resolve_config("draw", args)["generator"]["num_steps"] == 2
-    args = imputation_experiment.build_parser().parse_args(["--method", "gpsi-add", "--mask", "mar-4",
-                                                            "--num-steps", "3"])
+    parser = imputation_experiment.IMPUTATION_EXPERIMENT.build_parser()
+    args = parser.parse_args(["--method", "gpsi-add", "--mask", "mar-4", "--num-steps", "3"])
     assert resolve_config("imputation", args)["num_steps"] == 3
 
 
@@ -91,7 +92,7 @@ def test_a_foreign_results_directory_is_not_overwritten(tmp_path, capsys):
     (vae_experiment, ["--lr", "-1"], "--lr: -1.0 is out of range: must be a number > 0"),
     (vae_experiment, ["--lr", "nan"], "--lr: nan is out of range"),
     (vae_experiment, ["--epochs", "0"], "--epochs: 0 is out of range: must be >= 1"),
-    (vae_experiment, ["--eval-samples", "0"], "--eval-samples: 0 is out of range: must be >= 1"),
+    (vae_experiment, ["--iw-samples", "0"], "--iw-samples: 0 is out of range: must be >= 1"),
     (vae_experiment, ["--seed", "-1"], "--seed: -1 is out of range: must be >= 0"),
     (vae_experiment, ["--eval-limit", "-4"], "--eval-limit: -4 is out of range: must be >= 0"),
     (draw_experiment, ["--iw-samples", "0"], "--iw-samples: 0 is out of range: must be >= 1"),
@@ -111,7 +112,8 @@ def test_unavailable_device_is_one_line_and_leaves_no_directory(tmp_path, capsys
     out = tmp_path / "never"
     assert vae_experiment.main(["--device", "cuda", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == "error: --device cuda: CUDA is not available on this machine; use cpu or auto\n"
+    assert err.startswith("error: --device cuda: CUDA is not available; available devices: ['cpu'")
+    assert err.count("\n") == 1
     assert not out.exists()
 
 

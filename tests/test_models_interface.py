@@ -70,8 +70,15 @@ def test_registered_model_keeps_the_interface(name):
         if site["type"] == "sample":
             site["value"] = site["value"].detach()
     log_joint = poutine.trace(poutine.replay(module.model, trace=fixed)).get_trace(*data).log_prob_sum()
-    grads = torch.autograd.grad(log_joint, phi, allow_unused=True)
+    grads = torch.autograd.grad(log_joint, phi, allow_unused=True, retain_graph=True)
     assert all(g is None or not g.abs().sum() for g in grads)
+    # ... and the other way: every parameter of θ is one p uses (a non-zero gradient of that log joint),
+    # so a guide-only fine-tune leaves nothing that only q uses untrained.
+    theta = module.model_parameters()
+    grads = torch.autograd.grad(log_joint, theta, allow_unused=True)
+    unused = [n for n, p in module.named_parameters() for t, g in zip(theta, grads, strict=True)
+              if p is t and (g is None or not g.abs().sum())]
+    assert not unused, f"in model_parameters() but not used by the model: {unused}"
 
     # sample: draws of p in data space without data.
     samples = module.sample(4)

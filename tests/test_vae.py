@@ -102,7 +102,7 @@ def test_vae_impute_rejects_bad_mask():
 def test_cli_quick_preset_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "vae"
     code = vae_experiment.main(
-        ["--preset", "quick", "--epochs", "2", "--eval-samples", "20", "--out", str(out), "--no-progress"]
+        ["--preset", "quick", "--epochs", "2", "--iw-samples", "20", "--out", str(out), "--no-progress"]
     )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -117,7 +117,7 @@ def test_cli_quick_preset_runs_end_to_end(tmp_path, capsys):
     assert "K=20" in (out / "results.md").read_text()
     # --resume continues from the checkpoint to more epochs.
     code = vae_experiment.main(
-        ["--preset", "quick", "--epochs", "3", "--eval-samples", "20", "--out", str(out), "--no-progress",
+        ["--preset", "quick", "--epochs", "3", "--iw-samples", "20", "--out", str(out), "--no-progress",
          "--resume"]
     )
     assert code == 0
@@ -129,7 +129,7 @@ def test_cli_help_and_bad_preset(capsys):
         vae_experiment.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for opt in ("--preset", "--data-dir", "--device", "--resume", "--eval-samples", "--z-dim"):
+    for opt in ("--preset", "--data-dir", "--device", "--resume", "--iw-samples", "--z-dim"):
         assert opt in text
     with pytest.raises(SystemExit) as e:
         vae_experiment.main(["--preset", "nope"])

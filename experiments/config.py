@@ -1,0 +1,382 @@
+"""Experiment configuration: one preset schema for every experiment, validated on load, and one override path.
+
+A preset is a named configuration in ``experiments/presets/<experiment>.json``. Every experiment's presets
+follow one layout — a few top-level keys every experiment has (``about``, ``seed``, ``dataset``,
+``eval_limit``) and nested sections (``train``, ``eval``, the model's sizes, ...) — described by a typed
+schema below (:class:`VAEPreset`, :class:`DrawPreset`, :class:`ImputationPreset`, registered in
+:data:`SCHEMAS`). Loading a preset merges it into its schema, so an unknown or misspelt key, a value of the
+wrong type, a missing key or a number out of range is an error that names the key and what is allowed.
+
+Overrides take one path: ``--set train.epochs=5`` (dotted keys, values typed by the schema, several
+``--set`` allowed), and the common shorthands (``--epochs``, ``--lr``, ``--batch-size``, ``--seed``, ...) are
+turned into the same dotted assignments (:data:`Preset.SHORTHANDS`). The result is a plain ``dict``, which
+is what the experiments read and what each run records in its ``config.json``.
+
+Why OmegaConf: it gives typed structured configs from dataclasses (the schema is the documentation and the
+validator), dotted-list overrides typed from that schema, and helpful key errors ("did you mean
+'epochs'?"); Hydra and many Lightning projects are built on it, so its override syntax is familiar to the
+researchers who use this library. Hydra itself would also take over the working directory, logging and the
+command line, which our experiments already define.
+
+Adding an experiment: a schema class here (subclass :class:`Preset`, register it in :data:`SCHEMAS`), its
+presets file, its model registered in :mod:`ppl_models.base`, and a short module on
+:mod:`experiments.runner`.
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, get_type_hints
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A preset or an override that does not fit its experiment's schema."""
+
+
+# ------------------------------------------------------------------------------------------ field kinds
+
+
+def _req(minimum: float | None = None, *, exclusive: bool = False, default: Any = MISSING) -> Any:
+    """A schema field, required unless ``default`` is given; numbers >= ``minimum`` (> with ``exclusive``;
+    for a list, every element)."""
+    return field(default=default, metadata={"minimum": minimum, "exclusive": exclusive})
+
+
+def at_least(minimum: int, default: Any = MISSING) -> Any:
+    return _req(minimum, default=default)
+
+
+def positive(default: Any = MISSING) -> Any:
+    return _req(0, exclusive=True, default=default)
+
+
+def required() -> Any:
+    return _req()
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class Train:
+    """Training: ``epochs`` passes of minibatches of ``batch_size``; Adam from ``lr`` decayed per update
+    (exponentially) to ``lr_final`` at the last planned update, with ``betas``; the global L2 norm of the
+    batch-summed loss's gradient clipped to ``clip_norm`` (null: not clipped); model selection on the first
+    ``valid_limit`` validation images."""
+
+    epochs: int = at_least(1)
+    batch_size: int = at_least(1)
+    lr: float = positive()
+    lr_final: float = positive()
+    clip_norm: float | None = positive()  # null: no clipping
+    valid_limit: int = at_least(1)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98], metadata={"minimum": 0})
+
+
+@dataclass
+class VAERef:
+    """The VAE of experiments.vae that an experiment reuses: a ``best.pt`` at ``checkpoint`` if it exists,
+    else trained with that experiment's preset ``preset``."""
+
+    checkpoint: str | None = required()
+    preset: str = required()
+
+
+@dataclass
+class Preset:
+    """What every experiment's preset has at its top level."""
+
+    #: One line shown in --help.
+    about: str = ""
+    seed: int = at_least(0)
+    #: A data set of experiments.data: digits or fashion-mnist.
+    dataset: str = required()
+    #: Score only the first N test images (0 = all).
+    eval_limit: int = at_least(0)
+
+    #: Command-line shorthands (argparse dest) and the dotted key each sets.
+    SHORTHANDS: ClassVar[dict[str, str]] = {
+        "seed": "seed", "eval_limit": "eval_limit", "epochs": "train.epochs", "lr": "train.lr",
+        "lr_final": "train.lr_final", "batch_size": "train.batch_size",
+    }
+
+
+@dataclass
+class VAEModel:
+    z_dim: int = at_least(1)
+    hidden: list[int] = _req(1)
+
+
+@dataclass
+class ScoreEval:
+    """``bound_draws`` single-sample bounds per image on every scored image (batches of ``batch_size``);
+    IWAE-``iw_samples`` on the first ``iw_limit`` (0 = all), ``iw_batch`` images × ``iw_chunk`` samples."""
+
+    batch_size: int = at_least(1)
+    bound_draws: int = at_least(1)
+    iw_samples: int = at_least(1)
+    iw_limit: int = at_least(0)
+    iw_batch: int = at_least(1)
+    iw_chunk: int = at_least(1)
+
+
+@dataclass
+class VAEEval(ScoreEval):
+    """The scoring of :class:`ScoreEval`, and a bound ladder on the first ``ladder_images`` test images
+    (0 = none)."""
+
+    ladder_images: int = at_least(0)
+
+
+@dataclass
+class VAEPreset(Preset):
+    """experiments.vae: an MLP VAE with a Bernoulli decoder."""
+
+    model: VAEModel = field(default_factory=VAEModel)
+    train: Train = field(default_factory=Train)
+    eval: VAEEval = field(default_factory=VAEEval)
+
+    SHORTHANDS: ClassVar[dict[str, str]] = {**Preset.SHORTHANDS, "z_dim": "model.z_dim",
+                                            "hidden": "model.hidden", "iw_samples": "eval.iw_samples"}
+
+
+@dataclass
+class LSTMSizes:
+    """Sizes of the LSTM policies: ppl_models.draw.DRAWGenerator and the LSTM imputer (z_0 in R^z0_dim,
+    z_t in R^z_dim, LSTMs of lstm_dim units, mixture networks of mix_hidden, num_steps steps)."""
+
+    z_dim: int = at_least(1)
+    z0_dim: int = at_least(1)
+    lstm_dim: int = at_least(1)
+    mix_hidden: int = at_least(1)
+    num_steps: int = at_least(1)
+
+
+@dataclass
+class Finetune:
+    """Guide-only fine-tuning on the scored images: ``epochs`` passes (0 = none)."""
+
+    epochs: int = at_least(0)
+    batch_size: int = at_least(1)
+    lr: float = positive()
+
+
+@dataclass
+class DrawPreset(Preset):
+    """experiments.draw: the sequential generators of Sec. 2.4-2.5 and the foundation VAE."""
+
+    variants: list[str] = required()
+    generator: LSTMSizes = field(default_factory=LSTMSizes)
+    train: Train = field(default_factory=Train)
+    eval: ScoreEval = field(default_factory=ScoreEval)
+    finetune: Finetune = field(default_factory=Finetune)
+    vae: VAERef = field(default_factory=VAERef)
+
+    SHORTHANDS: ClassVar[dict[str, str]] = {**Preset.SHORTHANDS, "num_steps": "generator.num_steps",
+                                            "iw_samples": "eval.iw_samples",
+                                            "finetune_epochs": "finetune.epochs"}
+
+
+@dataclass
+class GPSISizes:
+    z_dim: int = at_least(1)
+    hidden: list[int] = _req(1)
+    num_steps: int = at_least(1)
+
+
+@dataclass
+class MIWAESizes:
+    z_dim: int = at_least(1)
+    hidden: list[int] = _req(1)
+    #: K of the IWAE-K training objective on the known pixels.
+    train_particles: int = at_least(1)
+
+
+@dataclass
+class ImputationEval(ScoreEval):
+    """The scoring of :class:`ScoreEval` (on the missing pixels), and: MSE of ``mse_rollouts`` roll-outs;
+    VAE imputation with ``vae_runs`` runs of ``vae_steps`` steps; MIWAE's estimate with ``miwae_samples``
+    samples."""
+
+    mse_rollouts: int = at_least(1)
+    vae_runs: int = at_least(1)
+    vae_steps: int = at_least(1)
+    miwae_samples: int = at_least(1)
+
+
+@dataclass
+class SweepEval:
+    """Scoring settings of the sweep's cells that differ from the preset's ``eval`` (null: the same)."""
+
+    bound_draws: int | None = at_least(1, default=None)
+    iw_limit: int | None = at_least(0, default=None)
+
+
+@dataclass
+class Sweep:
+    """Fig. 2(c): GPSI with each number of refinement ``steps`` and canvas update, under ``mask``."""
+
+    mask: str = required()
+    steps: list[int] = _req(1)
+    updates: list[str] = required()
+    epochs: int = at_least(1)
+    eval: SweepEval = field(default_factory=SweepEval)
+
+
+@dataclass
+class Table:
+    """What experiments.imputation_table runs: every method under every mask, the roll-out figure's mask
+    and the sweep."""
+
+    masks: list[str] = required()
+    methods: list[str] = required()
+    rollout_mask: str = required()
+    sweep: Sweep = field(default_factory=Sweep)
+
+
+@dataclass
+class ImputationPreset(Preset):
+    """experiments.imputation and experiments.imputation_table (Sec. 3 and 9.2)."""
+
+    #: Refinement steps of every policy in place of its family's (the sweep sets it); null: the family's.
+    num_steps: int | None = at_least(1, default=None)
+    gpsi: GPSISizes = field(default_factory=GPSISizes)
+    lstm: LSTMSizes = field(default_factory=LSTMSizes)
+    miwae: MIWAESizes = field(default_factory=MIWAESizes)
+    vae: VAERef = field(default_factory=VAERef)
+    train: Train = field(default_factory=Train)
+    eval: ImputationEval = field(default_factory=ImputationEval)
+    table: Table = field(default_factory=Table)
+
+    SHORTHANDS: ClassVar[dict[str, str]] = {**Preset.SHORTHANDS, "num_steps": "num_steps",
+                                            "iw_samples": "eval.iw_samples"}
+
+
+#: Experiment name -> its preset schema.
+SCHEMAS: dict[str, type[Preset]] = {"vae": VAEPreset, "draw": DrawPreset, "imputation": ImputationPreset}
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def schema_of(experiment: str) -> type[Preset]:
+    if experiment not in SCHEMAS:
+        raise ConfigError(f"no preset schema for experiment {experiment!r}; known: {sorted(SCHEMAS)}")
+    return SCHEMAS[experiment]
+
+
+def raw_presets(experiment: str) -> dict[str, dict[str, Any]]:
+    """The presets of ``experiment`` as written in its JSON file (keys starting with ``_`` are comments)."""
+    path = PRESET_DIR / f"{experiment}.json"
+    with open(path) as f:
+        presets = json.load(f)
+    return {k: v for k, v in presets.items() if not k.startswith("_")}
+
+
+def load_preset(experiment: str, name: str, overrides: list[tuple[str, str]] = ()) -> dict[str, Any]:
+    """Preset ``name`` of ``experiment``, validated against its schema, with ``overrides`` applied in order.
+
+    ``overrides`` are ``(source, "dotted.key=value")`` pairs; ``source`` (e.g. ``--set`` or ``--epochs``)
+    names where each came from in an error. Values are parsed as OmegaConf parses a dotted list (YAML
+    scalars: ``5``, ``1e-3``, ``null``, ``[500,500]``) and converted to the key's type. Returns a plain
+    dict with every key of the schema."""
+    schema = schema_of(experiment)
+    presets = raw_presets(experiment)
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r} for {experiment}; choose one of {sorted(presets)}")
+    where = f"experiments/presets/{experiment}.json, preset {name!r}"
+    cfg = OmegaConf.structured(schema)
+    try:
+        cfg = OmegaConf.merge(cfg, presets[name])
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {_explain(e, schema)}") from None
+    for source, assignment in overrides:
+        key, eq, value = assignment.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{source} {assignment!r}: expected KEY=VALUE with a dotted key, e.g. "
+                              f"train.epochs=5")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key.strip()}={value}"]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source} {assignment}: {_explain(e, schema)}") from None
+    try:
+        config = OmegaConf.to_container(cfg, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{where}: missing key {e.full_key!r}; {_valid_keys(schema, e.full_key)}") from None
+    problems = _range_problems(schema, config)
+    if problems:
+        origin = f"{where} with {', '.join(s + ' ' + a for s, a in overrides)}" if overrides else where
+        raise ConfigError(f"{origin}: {'; '.join(problems)}")
+    return config
+
+
+def _explain(e: OmegaConfBaseException, schema: type) -> str:
+    key = getattr(e, "full_key", None) or ""
+    if isinstance(e, ConfigKeyError):
+        return f"unknown key {key!r}; {_valid_keys(schema, key)}"
+    if isinstance(e, ValidationError):
+        return f"{key}: {str(e).splitlines()[0]}"
+    return str(e).splitlines()[0]
+
+
+def _valid_keys(schema: type, dotted: str) -> str:
+    """'valid keys of <section>: a, b, c' for the section that holds ``dotted``."""
+    cls, parts, found = schema, dotted.split(".")[:-1], []
+    for part in parts:
+        kind = _field_types(cls).get(part)
+        if not dataclasses.is_dataclass(kind):
+            break
+        cls = kind
+        found.append(part)
+    section = ".".join(found) or "the top level"
+    return f"valid keys of {section}: {', '.join(_field_types(cls))}"
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """A schema class's fields and their types, in order (class variables left out)."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _range_problems(schema: type, config: dict[str, Any], prefix: str = "") -> list[str]:
+    problems = []
+    for f in dataclasses.fields(schema):
+        value = config.get(f.name)
+        kind = _field_types(schema)[f.name]
+        if dataclasses.is_dataclass(kind):
+            problems += _range_problems(kind, value, f"{prefix}{f.name}.")
+            continue
+        minimum = f.metadata.get("minimum")
+        if minimum is None or value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        exclusive = f.metadata.get("exclusive", False)
+        bad = [v for v in values if not (math.isfinite(v) and (v > minimum if exclusive else v >= minimum))]
+        if bad:
+            bound = f"> {minimum}" if exclusive else f">= {minimum}"
+            what = "every element must be" if isinstance(value, list) else "must be"
+            problems.append(f"{prefix}{f.name} = {value!r} is out of range: {what} {bound}")
+    return problems
+
+
+def describe_schema(experiment: str) -> str:
+    """The dotted keys of an experiment's schema, one per line with its type, for ``--help``."""
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            kind = _field_types(cls)[f.name]
+            if dataclasses.is_dataclass(kind):
+                walk(kind, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"{prefix}{f.name}")
+
+    walk(schema_of(experiment), "")
+    return ", ".join(lines)

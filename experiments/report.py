@@ -1,0 +1,172 @@
+"""The one report writer: every experiment's results as a file a program reads (JSON), a page a person reads
+(markdown) and figures (PNG), each written atomically, each page ending with the configuration that ran and
+the command that reproduces it.
+
+:func:`write_report` writes ``<stem>.json`` and ``<stem>.md``; :func:`markdown_table`, :func:`fmt_or_na` and
+:func:`degenerate_cell` format numbers for the pages; :func:`save_image_grid` and :func:`save_curves` draw
+the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference.checkpoint import atomic_write
+
+
+def write_report(out: Path, stem: str, results: dict[str, Any], markdown: str, *,
+                 config: Mapping[str, Any] | None = None, command: str | None = None) -> None:
+    """Write ``out/<stem>.json`` (``results``, with ``config`` and ``command`` added when given) and
+    ``out/<stem>.md`` (``markdown``, then a section with the reproduction command and the configuration
+    that ran), both atomically."""
+    results = dict(results)
+    if config is not None:
+        results.setdefault("config", dict(config))
+    if command is not None:
+        results["command"] = command
+    write_json(out / f"{stem}.json", results)
+    page = markdown.rstrip("\n") + "\n"
+    if command is not None or config is not None:
+        page += "\n## Configuration that ran\n\n"
+        if command is not None:
+            page += f"Reproduce: `{command}`\n\n"
+        if config is not None:
+            page += "```json\n" + json.dumps(jsonable(config), indent=1) + "\n```\n"
+    atomic_write(out / f"{stem}.md", lambda f: f.write(page), binary=False)
+
+
+def reproduce_command(module: str, argv: Sequence[str], out: Path, device: str) -> str:
+    """The command line that reruns a run: ``python -m <module>`` with the options it was given, its
+    resolved device and output directory pinned, and the options that only steer the run left out
+    (``--resume``, ``--force``, ``--no-progress``)."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--device", "--out"):
+            skip = True
+            continue
+        if a.startswith(("--device=", "--out=")) or a in ("--resume", "--force", "--no-progress"):
+            continue
+        args.append(a)
+    return " ".join(["python", "-m", module, *map(shlex.quote, args), "--out", shlex.quote(str(out)),
+                     "--device", device])
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with tensors and arrays as lists, non-finite floats as strings: what JSON can hold."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if torch.is_tensor(obj):
+        return jsonable(obj.tolist())
+    if hasattr(obj, "tolist"):  # numpy
+        return jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (tensors and arrays become lists)."""
+    text = json.dumps(jsonable(obj), indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def fmt_or_na(value: Any, spec: str) -> str:
+    """``format(value, spec)`` for a finite number; "n/a" for a missing key (None), nan or inf (JSON keeps
+    those as strings) or anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return format(value, spec)
+    return "n/a"
+
+
+#: The k-hat summary keys an experiment keeps beside its estimate (see inference.diagnostics.khat_summary).
+KHAT_KEYS = ("khat_median", "khat_frac_gt_0.7", "khat_frac_degenerate", "ess_mean_degenerate")
+
+
+def degenerate_cell(entry: Mapping[str, Any], *, percent: bool = False) -> str:
+    """The degenerate PSIS category of an importance estimate as a table cell: "<fraction> (ESS <mean>)".
+
+    Points whose PSIS tail has fewer than 5 distinct values (or non-finite k-hat) are degenerate: k-hat says
+    nothing there, and their mean ESS shows whether the weights are good (≈ K: near-constant weights) or
+    not. The fraction is a percentage with ``percent``. Results written before the category existed have no
+    such keys: "n/a".
+    """
+    frac = entry.get("khat_frac_degenerate")
+    cell = fmt_or_na(100 * frac if percent and isinstance(frac, (int, float)) else frac,
+                     ".0f" if percent else ".2f")
+    if cell == "n/a":
+        return cell
+    cell += " %" if percent else ""
+    ess = fmt_or_na(entry.get("ess_mean_degenerate"), ".0f")
+    return cell if ess == "n/a" else f"{cell} (ESS {ess})"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: str | os.PathLike,
+                    ncol: int = 8, title: str | None = None) -> None:
+    """Save rows of flattened grey images in [0, 1] as a PNG grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = images.detach().cpu().reshape(-1, *image_shape)
+    n = images.shape[0]
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(ncol * 0.9, nrow * 0.9 + (0.4 if title else 0)))
+    for i, ax in enumerate(axes.flat if hasattr(axes, "flat") else [axes]):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_curves(metrics: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | os.PathLike,
+                ylabel: str = "nats per image", title: str | None = None) -> None:
+    """Plot per-epoch metrics (e.g. train loss and validation bound) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in keys:
+        pts = [(m["epoch"], m[key]) for m in metrics if key in m and m[key] is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
