@@ -43,10 +43,15 @@ def write_report(out: Path, stem: str, results: dict[str, Any], markdown: str, *
     atomic_write(out / f"{stem}.md", lambda f: f.write(page), binary=False)
 
 
+#: Options that only steer how an existing run directory is treated: not part of what a run is.
+_STEERING = ("--resume", "--force", "--no-progress", "--report-only")
+
+
 def reproduce_command(module: str, argv: Sequence[str], out: Path, device: str) -> str:
     """The command line that reruns a run: ``python -m <module>`` with the options it was given, its
-    resolved device and output directory pinned, and the options that only steer the run left out
-    (``--resume``, ``--force``, ``--no-progress``)."""
+    resolved device and output directory pinned, and the options that only steer how an existing run
+    directory is treated left out (``--resume``, ``--force``, ``--no-progress``, ``--report-only``): into an
+    empty ``--out`` it makes the whole run."""
     args, skip = [], False
     for a in argv:
         if skip:
@@ -55,7 +60,7 @@ def reproduce_command(module: str, argv: Sequence[str], out: Path, device: str) 
         if a in ("--device", "--out"):
             skip = True
             continue
-        if a.startswith(("--device=", "--out=")) or a in ("--resume", "--force", "--no-progress"):
+        if a.startswith(("--device=", "--out=")) or a in _STEERING:
             continue
         args.append(a)
     return " ".join(["python", "-m", module, *map(shlex.quote, args), "--out", shlex.quote(str(out)),

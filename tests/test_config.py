@@ -115,7 +115,8 @@ def test_a_key_added_to_the_schema_later_is_not_a_change(tmp_path):
 
 def test_report_writer_states_the_configuration_and_the_command(tmp_path):
     command = reproduce_command("experiments.vae", ["--preset", "quick", "--resume", "--device", "auto",
-                                                    "--set", "train.epochs=2", "--no-progress"],
+                                                    "--set", "train.epochs=2", "--no-progress",
+                                                    "--report-only"],
                                 tmp_path / "run", "cpu")
     assert command == ("python -m experiments.vae --preset quick --set train.epochs=2 "
                        f"--out {tmp_path / 'run'} --device cpu")
