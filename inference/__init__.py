@@ -9,9 +9,10 @@ Objectives (one per module, the equation in its docstring): :class:`PathwiseKL_E
 are valid) and :class:`IWAE_ELBO` (Burda et al. 2016, the importance-weighted bound). Estimators and
 diagnostics: :func:`importance_log_likelihood`, :func:`log_importance_weights`, :func:`bound_ladder`, PSIS
 k-hat and ESS; :func:`reliability` (the reliability diagram and expected calibration error of predicted
-Bernoulli probabilities, Guo et al. 2017). Training: :class:`Trainer` (checkpoints, exact resume, the NaN
-stop), :class:`ExtraTerm` (extra losses with their own optimisers) and :func:`finetune_guide` (q only, p
-frozen).
+Bernoulli probabilities, Guo et al. 2017); sample quality (:func:`frechet_distance` in a classifier's
+features, the "FD-classifier" of our tables; :func:`parzen_log_likelihood`; :func:`class_entropy`).
+Training: :class:`Trainer` (checkpoints, exact resume, the NaN stop), :class:`ExtraTerm` (extra losses with
+their own optimisers) and :func:`finetune_guide` (q only, p frozen).
 """
 
 from inference.calibration import Reliability, reliability
@@ -44,6 +45,14 @@ from inference.pathwise_kl_elbo import (
     late_parents,
     same_weighting,
 )
+from inference.sample_quality import (
+    class_entropy,
+    frechet_distance,
+    gaussian_frechet_distance,
+    parzen_log_likelihood,
+    reconstruction_mse,
+    select_parzen_sigma,
+)
 from inference.train import (
     ExtraTerm,
     NonFiniteLossError,
@@ -54,6 +63,12 @@ from inference.train import (
 )
 
 __all__ = [
+    "select_parzen_sigma",
+    "reconstruction_mse",
+    "parzen_log_likelihood",
+    "gaussian_frechet_distance",
+    "frechet_distance",
+    "class_entropy",
     "ExtraTerm",
     "IWAE_ELBO",
     "ImportanceEstimate",
