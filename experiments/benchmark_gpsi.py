@@ -58,14 +58,13 @@ from torch.distributions import kl_divergence
 from experiments.common import (
     Parser,
     build_imputer,
-    markdown_table,
     non_negative_int,
     positive_int,
     resolve_device,
 )
 from experiments.config import load_preset, raw_presets
 from experiments.data import IMAGE_SHAPES, DataError, dynamic_binarize, load_dataset
-from experiments.report import reproduce_command, write_report
+from experiments.report import markdown_table, reproduce_command, write_report
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.gpsi import GPSI
 from ppl_models.masks import make_mask_process, validate_mask

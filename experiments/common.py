@@ -18,27 +18,11 @@ import torch
 
 from experiments.config import describe_schema, load_preset, raw_presets, schema_of
 from experiments.data import Dataset
-from experiments.report import (  # noqa: F401 (the report helpers, importable from here as before)
-    KHAT_KEYS,
-    degenerate_cell,
-    fmt_or_na,
-    jsonable,
-    markdown_table,
-    save_curves,
-    save_image_grid,
-    write_json,
-)
+from experiments.report import jsonable, write_json
 from inference.train import ExtraTerm, Trainer, load_checkpoint
 from inference.train import resolve_device as _resolve_device
 from ppl_models.base import ModelGuidePair, build_model
 from ppl_models.vae import VAE
-
-
-def load_presets(experiment: str) -> dict[str, dict[str, Any]]:
-    """All presets of ``experiment`` as written in ``experiments/presets/<experiment>.json`` (unvalidated;
-    :func:`resolve_config` validates the one a run uses)."""
-    return raw_presets(experiment)
-
 
 #: Command-line options that are not configuration.
 NOT_CONFIG = {"preset", "out", "data_dir", "device", "resume", "force", "no_progress", "variants", "masks",
@@ -113,7 +97,7 @@ def resolve_device(device: str) -> torch.device:
 
 def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_out: str) -> None:
     """Options every experiment has. Preset values are the defaults of the options left as None."""
-    presets = load_presets(experiment)
+    presets = raw_presets(experiment)
     parser.add_argument(
         "--preset", default="quick", choices=sorted(presets),
         help=f"configuration preset from experiments/presets/{experiment}.json (default quick): "

@@ -50,14 +50,11 @@ import pyro
 import torch
 
 from experiments.common import (
-    KHAT_KEYS,
     batched,
     build_imputer,
     build_registered,
     load_vae,
-    markdown_table,
     positive_int,
-    save_image_grid,
     train_best,
 )
 from experiments.data import (
@@ -68,7 +65,7 @@ from experiments.data import (
     fixed_binarize,
     load_dataset,
 )
-from experiments.report import write_report
+from experiments.report import KHAT_KEYS, markdown_table, save_image_grid, write_report
 from experiments.runner import Experiment, RunContext
 from experiments.runs import vae_imputation
 from inference.calibration import reliability

@@ -69,8 +69,9 @@ import numpy as np
 import pyro
 import torch
 
-from experiments.common import Parser, markdown_table, non_negative_int, positive_int, write_json
+from experiments.common import Parser, non_negative_int, positive_int
 from experiments.data import FIXED_BINARIZATION_SEED, DataError, fixed_binarize, load_dataset
+from experiments.report import markdown_table, write_json
 from experiments.runs import Run, TemplateRun, load_imputer, vae_imputation
 from inference.scoring import nll_summary, score_bound_and_iwae
 from ppl_models import MIWAE, VAE, ImputationPolicy, make_mask_process, miwae_impute, template_match

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pyro
 
-from experiments.common import Parser, non_negative_int, positive_int, save_image_grid, write_json
+from experiments.common import Parser, non_negative_int, positive_int
+from experiments.report import save_image_grid, write_json
 from experiments.runs import load_run
 
 

@@ -448,7 +448,7 @@ def test_experiment_tables_show_the_degenerate_category_and_read_old_results():
     from pathlib import Path
 
     from experiments import draw, imputation_table
-    from experiments.common import degenerate_cell
+    from experiments.report import degenerate_cell
     from experiments.vae import render_markdown
 
     root = Path(__file__).resolve().parents[1] / "results"
