@@ -329,7 +329,8 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
     binarisation and a fresh mask), score the validation tensors after every epoch with ``batch_nll(*rows)``
     (a block's summed NLL bound), and load the weights of the best epoch. ``config["train"]`` holds epochs,
     batch_size, lr, lr_final (per-step decay), clip_norm (global norm) and optional betas. Returns the epochs
-    run, the evaluated epoch, its validation NLL bound per image and the number of updates. ``extras`` are
+    run, the evaluated epoch, its validation NLL bound per image, the number of updates and the per-epoch
+    metrics (those of ``metrics.jsonl``, earlier epochs of a resumed run included). ``extras`` are
     :class:`inference.train.ExtraTerm` hooks (networks with their own optimisers, and optional generator
     terms), trained beside the model in this Pyro-optimiser mode as in any other.
 
@@ -358,7 +359,7 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
     best = trainer.load_best()
     module.eval()
     return {"epochs": len(metrics), "evaluated_epoch": best["epoch"], "valid_nll": -best["value"],
-            "updates": trainer.step}
+            "updates": trainer.step, "metrics": metrics}
 
 # ------------------------------------------------------------------------------------------- models
 

@@ -83,7 +83,7 @@ def train_and_score(config: dict[str, Any], out: Path, device: str, resume: bool
         ladder = {"num_images": n_ladder, "elbo": lad["elbo"], "iwae": lad["iwae"],
                   **khat_summary(lad["khat"], lad["degenerate"], lad["ess"])}
 
-    metrics = _read_metrics(out)
+    metrics = fit["metrics"]
     results = {
         "experiment": EXPERIMENT,
         "config": config,
@@ -128,15 +128,6 @@ def train_and_score(config: dict[str, Any], out: Path, device: str, resume: bool
         save_curves(neg, ["train -ELBO", "valid -ELBO"], out / "curves.png", ylabel="nats per image",
                     title=f"VAE on {data.name}: negative ELBO per image")
     return results
-
-
-def _read_metrics(out: Path) -> list[dict[str, Any]]:
-    import json
-
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def render_markdown(r: dict[str, Any]) -> str:
