@@ -324,7 +324,9 @@ def batched(fn: Callable[..., Any], *tensors: torch.Tensor, batch_size: int) -> 
 def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torch.Tensor],
                config: dict[str, Any], train_data: torch.Tensor, transform: Callable | None,
                valid: tuple[torch.Tensor, ...], out: Path, device: str, resume: bool,
-               progress: bool, extras: Sequence[ExtraTerm] = ()) -> dict[str, Any]:
+               progress: bool, extras: Sequence[ExtraTerm] = (),
+               evaluate_more: Callable[[int], dict[str, Any]] | None = None,
+               use_best: bool = True) -> dict[str, Any]:
     """Train ``module``'s model/guide on ``loss`` (``transform`` makes each minibatch, e.g. dynamic
     binarisation and a fresh mask), score the validation tensors after every epoch with ``batch_nll(*rows)``
     (a block's summed NLL bound), and load the weights of the best epoch. ``config["train"]`` holds epochs,
@@ -332,7 +334,10 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
     run, the evaluated epoch, its validation NLL bound per image, the number of updates and the per-epoch
     metrics (those of ``metrics.jsonl``, earlier epochs of a resumed run included). ``extras`` are
     :class:`inference.train.ExtraTerm` hooks (networks with their own optimisers, and optional generator
-    terms), trained beside the model in this Pyro-optimiser mode as in any other.
+    terms), trained beside the model in this Pyro-optimiser mode as in any other. ``evaluate_more(epoch)``
+    adds metrics of its own after each epoch (curves over training). With ``use_best=False`` the module keeps
+    the last epoch's weights (a fixed number of updates, no model selection); the best epoch is still
+    reported.
 
     Gradient clipping, the one rule: the global L2 norm of the gradient of the batch-summed loss over all
     parameters the step updates is clipped to ``clip_norm`` (Trainer), never element-wise."""
@@ -341,7 +346,10 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
     def evaluate(epoch: int) -> dict[str, float]:
         with torch.no_grad():
             total = sum(batched(batch_nll, *valid, batch_size=config["eval"]["batch_size"]))
-        return {"valid_bound": -float(total) / valid[0].shape[0]}  # maximised: minus the NLL bound
+        metrics = {"valid_bound": -float(total) / valid[0].shape[0]}  # maximised: minus the NLL bound
+        if evaluate_more is not None:
+            metrics.update(evaluate_more(epoch))
+        return metrics
 
     steps = t["epochs"] * -(-train_data.shape[0] // t["batch_size"])
     lrd = (t["lr_final"] / t["lr"]) ** (1.0 / max(steps, 1))
@@ -356,7 +364,10 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
         clip_norm=t["clip_norm"], keep_best="valid_bound", extras=extras,
     )
     metrics = trainer.fit(resume=resume)
-    best = trainer.load_best()
+    if use_best:
+        best = trainer.load_best()
+    else:  # the last epoch's weights, which the module holds
+        best = {"epoch": len(metrics), "value": metrics[-1]["valid_bound"]}
     module.eval()
     return {"epochs": len(metrics), "evaluated_epoch": best["epoch"], "valid_nll": -best["value"],
             "updates": trainer.step, "metrics": metrics}

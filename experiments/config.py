@@ -61,6 +61,11 @@ def required() -> Any:
     return _req()
 
 
+def one_of(*choices: str, default: Any = MISSING) -> Any:
+    """A string field that must be one of ``choices``."""
+    return field(default=default, metadata={"choices": choices})
+
+
 # ------------------------------------------------------------------------------------------- sections
 
 
@@ -259,8 +264,107 @@ class ImputationPreset(Preset):
                                             "iw_samples": "eval.iw_samples"}
 
 
+@dataclass
+class GSNModel:
+    """ppl_models.gsn_chain.GSNChain: z in R^z_dim, MLPs of ``hidden``, the reconstruction distribution, what
+    the chain feeds forward, and the Gaussian form's initial shared log-variance."""
+
+    z_dim: int = at_least(1)
+    hidden: list[int] = _req(1)
+    likelihood: str = one_of("bernoulli", "gaussian")
+    feed: str = one_of("mean", "sample")
+    init_log_var: float = required()
+
+
+@dataclass
+class GSNTrain(Train):
+    """:class:`Train`, with ``q_samples`` draws of q per example in every update (vectorised particles)."""
+
+    q_samples: int = at_least(1)
+
+
+@dataclass
+class GSNUnroll(GSNTrain):
+    """The phase after pre-training: guided variants unroll the chain ``steps`` steps (walkback variants walk
+    ``steps`` steps); one-step variants keep training the VAE with the same schedule. ``bptt``: the later
+    steps' free energies back-propagate through the chain points (else only L_g does)."""
+
+    steps: int = at_least(1)
+    bptt: bool = True
+
+
+@dataclass
+class ORKWeights:
+    """Eq. 5: λ·KL + β·([KL − K̄]_+)², λ = ``kl_weight``, β = ``penalty`` (the ORK variants)."""
+
+    kl_weight: float = _req(0)
+    penalty: float = _req(0)
+
+
+@dataclass
+class GuideF:
+    """The guide function f (a maxout net of ``hidden`` units in groups of ``pieces``, outputs bounded by
+    ``bound``; Adam ``lr``; ``f_penalty``·mean(f²)) and L_g (``lg_weight`` × the elastic-net hinge with
+    ``linear`` and ``quadratic`` parts)."""
+
+    hidden: list[int] = _req(1)
+    pieces: int = at_least(1)
+    bound: float | None = positive()
+    lr: float = positive()
+    lg_weight: float = _req(0)
+    f_penalty: float = _req(0)
+    linear: float = _req(0)
+    quadratic: float = _req(0)
+
+
+@dataclass
+class GSNEval(ScoreEval):
+    """The one-step bound and IWAE (:class:`ScoreEval`); Parzen with ``parzen_samples`` centres, σ from
+    ``parzen_grid`` on the first ``parzen_valid`` validation images; FD-classifier of ``fd_samples`` samples
+    against the first ``fd_reference`` images of train and test; chain drift from ``chain_starts`` training
+    images at ``chain_steps``; curves every ``curve_every`` epochs (Parzen with ``curve_parzen_samples``
+    centres on ``curve_valid`` validation images; the Fig. 4(c) scatter on ``scatter_points``); figures of
+    ``figure_chains`` chains × ``figure_frames`` frames (every ``figure_every``-th step; partial control under
+    ``partial_mask``, every ``partial_every``-th step)."""
+
+    parzen_samples: int = at_least(2)
+    parzen_valid: int = at_least(2)
+    parzen_grid: list[float] = positive()
+    fd_samples: int = at_least(2)
+    fd_reference: int = at_least(2)
+    chain_starts: int = at_least(2)
+    chain_steps: list[int] = _req(1)
+    curve_every: int = at_least(1)
+    curve_parzen_samples: int = at_least(2)
+    curve_valid: int = at_least(4)
+    scatter_points: int = at_least(1)
+    figure_chains: int = at_least(1)
+    figure_frames: int = at_least(1)
+    figure_every: int = at_least(1)
+    partial_mask: str = required()
+    partial_every: int = at_least(1)
+
+
+@dataclass
+class GSNPreset(Preset):
+    """experiments.gsn: variational simple GSNs with collaborative shaping (ORK / VAR, guided / one-step)."""
+
+    #: <objective>-<phase>: objective var (Eq. 2) or ork (Eq. 5); phase guided, unrolled, onestep or walkback.
+    variants: list[str] = required()
+    model: GSNModel = field(default_factory=GSNModel)
+    pretrain: GSNTrain = field(default_factory=GSNTrain)
+    unroll: GSNUnroll = field(default_factory=GSNUnroll)
+    ork: ORKWeights = field(default_factory=ORKWeights)
+    guide_f: GuideF = field(default_factory=GuideF)
+    eval: GSNEval = field(default_factory=GSNEval)
+
+    #: Two training phases: --epochs/--lr/--batch-size would be ambiguous, so they are --set keys here.
+    SHORTHANDS: ClassVar[dict[str, str]] = {"seed": "seed", "eval_limit": "eval_limit"}
+
+
 #: Experiment name -> its preset schema.
-SCHEMAS: dict[str, type[Preset]] = {"vae": VAEPreset, "draw": DrawPreset, "imputation": ImputationPreset}
+SCHEMAS: dict[str, type[Preset]] = {"vae": VAEPreset, "draw": DrawPreset, "imputation": ImputationPreset,
+                                    "gsn": GSNPreset}
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -353,6 +457,9 @@ def _range_problems(schema: type, config: dict[str, Any], prefix: str = "") -> l
         if dataclasses.is_dataclass(kind):
             problems += _range_problems(kind, value, f"{prefix}{f.name}.")
             continue
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            problems.append(f"{prefix}{f.name} = {value!r} is not allowed: choose one of {list(choices)}")
         minimum = f.metadata.get("minimum")
         if minimum is None or value is None:
             continue

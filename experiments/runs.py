@@ -4,7 +4,9 @@ A run directory is what an experiment writes with ``--out``: its result file (``
 imputation and sequential-generation experiments, ``results.json`` for the VAE experiment), which records the
 configuration that actually ran, and ``best.pt``, the weights of the best validation epoch. :func:`load_run`
 reads the configuration, builds the registered model (:mod:`ppl_models.base`) with those sizes and loads the
-weights; nothing else of the experiment is needed, and no data::
+weights (``best.pt``, or the file the result names in ``weights_file``: the variational-GSN experiment
+evaluates each variant's last weights, ``checkpoint.pt``); nothing else of the experiment is needed, and no
+data::
 
     from experiments.runs import load_run
 
@@ -70,6 +72,9 @@ ORACULAR_REFUSAL = ("oracular template matching (tm-oracular) chooses its templa
 def _model_of(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(registered model name, constructor sizes) of a run from its result file."""
     config = result["config"]
+    if result.get("experiment") == "gsn":  # one variant of the variational-GSN experiment per directory
+        return "gsn-chain", {**config["model"], "num_steps": result["num_steps"],
+                             "walkback": result["walkback"]}
     if result.get("experiment") == "vae":
         sizes = config.get("model", config)  # the sizes sat at the top level before the one preset schema
         return "vae", {"z_dim": sizes["z_dim"], "hidden": sizes["hidden"]}
@@ -115,11 +120,11 @@ def _image_shape(path: Path, dataset: str) -> tuple[int, int]:
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     """The trained model/guide pair of ``run_dir`` on ``device`` (``"auto"``: CUDA when present), in eval
-    mode, with the weights of its best validation epoch (``best.pt``)."""
+    mode, with the weights of its best validation epoch (``best.pt``) or those its result names."""
     path = Path(run_dir)
     result = _read_result(path)
     name, sizes = _model_of(result)
-    weights = path / BEST_NAME
+    weights = path / result.get("weights_file", BEST_NAME)  # a run evaluated at its last epoch names its file
     if not weights.is_file():
         raise FileNotFoundError(f"--run {path}: no {BEST_NAME} (the trained weights); the run's results page "
                                 f"names the command that makes it")

@@ -5,8 +5,9 @@
 Works for every run :func:`experiments.runs.load_run` can load (the VAE, the sequential generators, and the
 imputation policies run unconditionally, every pixel missing), and needs no data. Writes into ``--out``:
 
-* ``samples.npy``: float32, shape (N, H, W): the Bernoulli means of p's final step for N independent draws
-  (probabilities of a pixel being on, not binary draws: threshold or ``np.random.binomial`` them for those);
+* ``samples.npy``: float32, shape (N, H, W): the decoder means of p's final step for N independent draws (a
+  Bernoulli decoder's are probabilities of a pixel being on, not binary draws: threshold or
+  ``np.random.binomial`` them for those; the variational-GSN chain's are grey levels);
 * ``samples.png``: the same as a grid;
 * ``samples.json``: the run, its registered model, N, the seed and the device.
 
@@ -57,11 +58,11 @@ def run(run_dir: str, n: int, out: Path, seed: int, device: str, force: bool) ->
     images = loaded.module.sample(n).detach().cpu().float()
     array = images.reshape(n, *loaded.image_shape).numpy()
     np.save(out / "samples.npy", array)
-    title = f"{n} samples of {loaded.model_name} ({loaded.dataset}), Bernoulli means, seed {seed}"
+    title = f"{n} samples of {loaded.model_name} ({loaded.dataset}), decoder means, seed {seed}"
     save_image_grid(images, loaded.image_shape, out / "samples.png", title=title)
     record = {"run": str(run_dir), "model": loaded.model_name, "dataset": loaded.dataset, "n": n,
               "seed": seed, "device": str(next(loaded.module.parameters()).device),
-              "values": "Bernoulli means of the final step, float32, shape (N, H, W)"}
+              "values": "decoder means of the final step (Bernoulli: σ(logits)), float32, shape (N, H, W)"}
     write_json(out / "samples.json", record)
     return record
 

@@ -10,7 +10,8 @@ are valid) and :class:`IWAE_ELBO` (Burda et al. 2016, the importance-weighted bo
 diagnostics: :func:`importance_log_likelihood`, :func:`log_importance_weights`, :func:`bound_ladder`, PSIS
 k-hat and ESS; :func:`reliability` (the reliability diagram and expected calibration error of predicted
 Bernoulli probabilities, Guo et al. 2017); sample quality (:func:`frechet_distance` in a classifier's
-features, the "FD-classifier" of our tables; :func:`parzen_log_likelihood`; :func:`class_entropy`).
+features, the "FD-classifier" of our tables, with the committed classifiers of :func:`load_fd_classifier`
+and :func:`fd_scores`, :func:`mode_coverage`; :func:`parzen_log_likelihood`; :func:`class_entropy`).
 Training: :class:`Trainer` (checkpoints, exact resume, the NaN stop), :class:`ExtraTerm` (extra losses with
 their own optimisers) and :func:`finetune_guide` (q only, p frozen).
 """
@@ -27,6 +28,7 @@ from inference.diagnostics import (
     per_step_curves,
     psis_khat,
 )
+from inference.fd_classifier import FDClassifier, fd_scores, load_fd_classifier, mode_coverage
 from inference.finetune import finetune_guide, frozen_except
 from inference.importance import ImportanceEstimate, importance_log_likelihood
 from inference.iwae import (
@@ -70,6 +72,7 @@ __all__ = [
     "frechet_distance",
     "class_entropy",
     "ExtraTerm",
+    "FDClassifier",
     "IWAE_ELBO",
     "ImportanceEstimate",
     "NonFiniteLossError",
@@ -84,6 +87,7 @@ __all__ = [
     "check_ladder",
     "degenerate_tails",
     "effective_sample_size",
+    "fd_scores",
     "finetune_guide",
     "frozen_except",
     "importance_log_likelihood",
@@ -94,9 +98,11 @@ __all__ = [
     "late_parents",
     "latent_samples_to_arviz",
     "load_checkpoint",
+    "load_fd_classifier",
     "log_importance_weights",
     "log_mean_exp",
     "max_plate_nesting",
+    "mode_coverage",
     "per_step_curves",
     "psis_khat",
     "reliability",

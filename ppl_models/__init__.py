@@ -8,13 +8,16 @@ Every pair subclasses :class:`ModelGuidePair` (``ppl_models/base.py``): ``model`
 
 Site names follow one scheme: ``z_0``, ``z_1``, … for the steps and ``x`` for the observation, inside
 ``pyro.plate("data")``. Papers: Bachman & Precup (2015), "Data generation as sequential decision making"
-(GPSI, Sec. 3.1; LSTM imputers, Sec. 3.2; DRAW-style generators, Sec. 2.4-2.5); Kingma & Welling (2014)
+(GPSI, Sec. 3.1; LSTM imputers, Sec. 3.2; DRAW-style generators, Sec. 2.4-2.5); Bachman & Precup (2015),
+"Variational generative stochastic networks with collaborative shaping" (the self-looped VAE chain,
+Sec. 3-6); Kingma & Welling (2014)
 for the VAE; Mattei & Frellsen (2019) for MIWAE; the linear-Gaussian chain is the exact-answer reference.
 """
 
 from ppl_models.base import ModelGuidePair, ModelSpec, build_model, model_names, model_spec, register_model
 from ppl_models.draw import DRAWGenerator
 from ppl_models.gpsi import GPSI
+from ppl_models.gsn_chain import GSNChain
 from ppl_models.imputation_policy import ImputationPolicy
 from ppl_models.linear_gaussian import GuideParams, LinearGaussianChain
 from ppl_models.lstm_imputer import LSTMImputer
@@ -32,6 +35,7 @@ __all__ = [
     "register_model",
     "DRAWGenerator",
     "GPSI",
+    "GSNChain",
     "GuideParams",
     "ImputationPolicy",
     "LSTMImputer",

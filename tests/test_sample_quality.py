@@ -66,6 +66,22 @@ def test_parzen_window_with_one_centre_is_the_gaussian_density_and_chunking_does
         sq.parzen_log_likelihood(centres, points, 0.0)
 
 
+def test_parzen_window_matches_a_double_loop():
+    centres = [[0.0, 1.0], [2.0, -1.0], [0.5, 0.5]]
+    points = [[0.1, 0.9], [3.0, 0.0]]
+    sigma = 0.8
+    for i, x in enumerate(points):
+        total = 0.0
+        for c in centres:
+            sq_dist = sum((a - b) ** 2 for a, b in zip(x, c, strict=True))
+            total += math.exp(-sq_dist / (2 * sigma**2)) / (2 * math.pi * sigma**2)
+        expected = math.log(total / len(centres))
+        got = sq.parzen_log_likelihood(torch.tensor(centres, dtype=torch.float64),
+                                       torch.tensor(points, dtype=torch.float64), sigma, chunk_points=1,
+                                       chunk_centres=2)[i]
+        assert float(got) == pytest.approx(expected, abs=1e-12)
+
+
 def test_parzen_sigma_selection_finds_the_bandwidth_of_the_data():
     """Centres and validation points drawn from N(0, 0.3^2 I) in 1-D: with many centres the best window is
     narrow but not the narrowest, and the chosen sigma maximises the validation score."""
