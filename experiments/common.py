@@ -336,8 +336,8 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
     :class:`inference.train.ExtraTerm` hooks (networks with their own optimisers, and optional generator
     terms), trained beside the model in this Pyro-optimiser mode as in any other. ``evaluate_more(epoch)``
     adds metrics of its own after each epoch (curves over training). With ``use_best=False`` the module keeps
-    the last epoch's weights (a fixed number of updates, no model selection); the best epoch is still
-    reported.
+    the last epoch's weights (a fixed number of updates, no model selection), and the evaluated epoch and its
+    validation bound are the last epoch's.
 
     Gradient clipping, the one rule: the global L2 norm of the gradient of the batch-summed loss over all
     parameters the step updates is clipped to ``clip_norm`` (Trainer), never element-wise."""

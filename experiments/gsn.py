@@ -48,14 +48,20 @@ from experiments.runner import Experiment, RunContext
 from inference.collaborative import CollaborativeShaping
 from inference.fd_classifier import (
     CLASSIFIERS,
-    fd_scores,
+    FDClassifier,
+    classifier_features,
     load_fd_classifier,
     mode_coverage,
     save_mode_coverage_figure,
 )
 from inference.ork_elbo import OverRegularisedKL_ELBO
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
-from inference.sample_quality import parzen_log_likelihood, reconstruction_mse, select_parzen_sigma
+from inference.sample_quality import (
+    frechet_distance,
+    parzen_log_likelihood,
+    reconstruction_mse,
+    select_parzen_sigma,
+)
 from inference.scoring import nll_summary, score_bound_and_iwae
 from inference.train import load_checkpoint
 from ppl_models.gsn_chain import GSNChain
@@ -65,6 +71,8 @@ EXPERIMENT = "gsn"
 DEFAULT_OUT = "runs/gsn"
 OBJECTIVES = ("var", "ork")
 PHASES = ("guided", "unrolled", "onestep", "walkback")
+#: The value the hidden pixels of a partial-control chain start at.
+FILL = 0.5
 #: The paper's MNIST numbers (Sec. 7), quoted beside — never inside — our Fashion-MNIST tables.
 PAPER_MNIST = "MNIST, Gaussian Parzen test log-likelihood (Sec. 7): ORK 265, VAR 220 (nats)"
 
@@ -87,6 +95,10 @@ def prepare(config: dict[str, Any], args: argparse.Namespace, parser: argparse.A
         parser.error(str(e))
     if not config["variants"]:
         parser.error("variants is empty: name at least one, e.g. --set variants=[var-guided]")
+    ev = config["eval"]
+    if ev["fd_samples"] > ev["parzen_samples"]:
+        parser.error(f"eval.fd_samples = {ev['fd_samples']} must be <= eval.parzen_samples = "
+                     f"{ev['parzen_samples']}: the FD samples are the first of the Parzen centres")
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -189,9 +201,16 @@ def train_variants(config: dict[str, Any], data: Dataset, ctx: RunContext) -> di
 # ----------------------------------------------------------------------------------------- evaluation
 
 
+def fd_against(classifier: FDClassifier, images: torch.Tensor,
+               reference_features: dict[str, torch.Tensor]) -> dict[str, float]:
+    """FD-classifier of ``images`` against each reference split, whose features are computed once per run."""
+    f = classifier_features(classifier, images)
+    return {name: frechet_distance(f, ref) for name, ref in reference_features.items()}
+
+
 @torch.no_grad()
-def evaluate_variant(chain: GSNChain, data: Dataset, config: dict[str, Any], classifier: Any,
-                     references: dict[str, torch.Tensor], test: torch.Tensor,
+def evaluate_variant(chain: GSNChain, data: Dataset, config: dict[str, Any], classifier: FDClassifier,
+                     reference_features: dict[str, torch.Tensor], test: torch.Tensor,
                      progress: bool) -> dict[str, Any]:
     ev = config["eval"]
     model, guide = one_step(chain)
@@ -201,13 +220,13 @@ def evaluate_variant(chain: GSNChain, data: Dataset, config: dict[str, Any], cla
     centres = chain.sample(ev["parzen_samples"])
     sigma, tried = select_parzen_sigma(centres, data.valid[: ev["parzen_valid"]], ev["parzen_grid"])
     parzen = parzen_log_likelihood(centres, test, sigma)
-    samples = centres[: ev["fd_samples"]]
+    samples = centres[: ev["fd_samples"]]  # prepare() checks fd_samples <= parzen_samples
     loc, _ = chain.encode(test)
     steps = sorted(set(ev["chain_steps"]))
     starts = data.train[torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(0))
                         [: ev["chain_starts"]].to(data.train.device)]
     frames = chain.run_chain(starts, max(steps), at=steps)
-    drift = [{"step": s_, **fd_scores(classifier, frames[i], {"test": references["test"]}),
+    drift = [{"step": s_, **fd_against(classifier, frames[i], reference_features),
               "mode_entropy": mode_coverage(classifier, frames[i])["entropy"]} for i, s_ in enumerate(steps)]
     rec, kl = chain.reconstruction_and_kl(test[: ev["scatter_points"]])
     return {
@@ -215,7 +234,7 @@ def evaluate_variant(chain: GSNChain, data: Dataset, config: dict[str, Any], cla
         "iwae": {**nll_summary(s.iwae), "num_images": s.num_iw, **s.estimate.summary()},
         "parzen": {"mean": float(parzen.mean()), "stderr": float(parzen.std() / math.sqrt(parzen.numel())),
                    "sigma": sigma, "valid_scores": tried, "num_centres": int(centres.shape[0])},
-        "fd_classifier": fd_scores(classifier, samples, references),
+        "fd_classifier": fd_against(classifier, samples, reference_features),
         "mode_coverage": mode_coverage(classifier, samples),
         "reconstruction_mse": reconstruction_mse(chain.mean(loc).clamp(0, 1), test),
         "chain_drift": drift,
@@ -233,17 +252,18 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     train_seconds = time.time() - t0
 
     classifier = load_fd_classifier(config["dataset"], device=ctx.device)
-    references = {"train": data.train[: ev["fd_reference"]], "test": data.test[: ev["fd_reference"]]}
+    reference_features = {split: classifier_features(classifier, getattr(data, split)[: ev["fd_reference"]])
+                          for split in ("train", "test")}
     results: dict[str, Any] = {}
     t0 = time.time()
     for name, tr in trained.items():
         pyro.set_rng_seed(config["seed"] + 2)
-        results[name] = evaluate_variant(tr["chain"], data, config, classifier, references, test,
+        results[name] = evaluate_variant(tr["chain"], data, config, classifier, reference_features, test,
                                          ctx.progress)
         results[name]["train"] = {
             "pretrain_updates": tr["pretrain"]["updates"], "fork_updates": tr["fork"]["updates"],
             "pretrain_epochs": tr["pretrain"]["epochs"], "fork_epochs": tr["fork"]["epochs"],
-            "fork_final_valid_bound": -tr["fork"]["valid_nll"], "fork_seconds_this_process": tr["seconds"],
+            "fork_final_valid_elbo": -tr["fork"]["valid_nll"], "fork_seconds_this_process": tr["seconds"],
         }
     out = {
         "experiment": EXPERIMENT,
@@ -261,14 +281,25 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
                    {"experiment": EXPERIMENT, "variant": name, "config": config,
                     "weights_file": "checkpoint.pt", "num_steps": tr["chain"].num_steps,
                     "walkback": tr["chain"].walkback, "results": results[name]})
-    figures(trained, data, config, ctx.out, classifier)
+    figures(trained, results, data, config, ctx.out)
     return out
 
 
 def protocol(config: dict[str, Any], data: Dataset, test: torch.Tensor) -> dict[str, Any]:
+    """What every number of the page is, with the sample counts that actually stand behind it."""
     ev, info = config["eval"], CLASSIFIERS[config["dataset"]]
     n_train, n_test = (min(ev["fd_reference"], split.shape[0]) for split in (data.train, data.test))
+    n_pv, n_iw = min(ev["parzen_valid"], data.valid.shape[0]), min(ev["iw_limit"] or len(test), len(test))
+    n_starts = min(ev["chain_starts"], data.train.shape[0])
     gaussian = config["model"]["likelihood"] == "gaussian"
+    pre, un, g = config["pretrain"], config["unroll"], config["guide_f"]
+
+    def schedule(t: dict[str, Any]) -> str:
+        lr = f"lr {t['lr']}" if t["lr"] == t["lr_final"] else f"lr {t['lr']} decayed to {t['lr_final']}"
+        clip = "no clipping" if t["clip_norm"] is None else f"global gradient-norm clip {t['clip_norm']}"
+        return (f"{t['epochs']} epochs of batch {t['batch_size']} × {t['q_samples']} draws of q, Adam {lr}, "
+                f"betas {tuple(t['betas'])}, {clip}")
+
     return {
         "data": data.describe(),
         "binarization": "none: grey levels in [0, 1]; " + (
@@ -276,21 +307,36 @@ def protocol(config: dict[str, Any], data: Dataset, test: torch.Tensor) -> dict[
             "bounds)" if gaussian else
             "a Bernoulli p(x|z) scores them with the cross-entropy (the paper's MNIST model)"),
         "num_test_images": int(test.shape[0]),
+        "training": f"pre-training (the chain run one step, a VAE): {schedule(pre)}; then each variant, "
+                    f"forked from its objective's pre-trained model: {schedule(un)}; guided and unrolled "
+                    f"variants unroll {un['steps']} steps, "
+                    + ("the later steps' free energies back-propagated through the chain points (BPTT)"
+                       if un["bptt"] else "the later steps' free energies NOT back-propagated through the "
+                       "chain points (unroll.bptt = false; the paper back-propagates them)")
+                    + f"; guided variants add the guide function's L_g (weight {g['lg_weight']}, "
+                    f"back-propagated through the chain; f: maxout {g['hidden']} in groups of {g['pieces']}, "
+                    f"Adam lr {g['lr']}). The paper trained with plain SGD. Every stage trains a fixed "
+                    "number of updates; the last weights are evaluated",
         "bound": f"one-step free energy F(x) of Eq. 2 (path-wise KL, analytic), mean of {ev['bound_draws']} "
-                 "draws per test image: an upper bound on -log p(x) in expectation",
-        "iwae": f"IWAE-{ev['iw_samples']} estimate of -log p(x) on the first "
-                f"{ev['iw_limit'] or int(test.shape[0])} test images",
+                 "draws per test image: an upper bound on -log p(x) in expectation (lower is better)",
+        "iwae": f"IWAE-{ev['iw_samples']} estimate of -log p(x) on the first {n_iw} test images",
         "parzen": f"Gaussian Parzen window on {ev['parzen_samples']} prior samples (decoder means), sigma "
-                  f"from the grid {ev['parzen_grid']} by the mean log-likelihood of the first "
-                  f"{ev['parzen_valid']} validation images, then the test mean ± standard error: an "
-                  "estimate, with a large bias in high dimension (Breuleux et al. 2011)",
+                  f"from the grid {ev['parzen_grid']} by the mean log-likelihood of the first {n_pv} "
+                  "validation images, then the test mean ± standard error: an estimate, with a large bias in "
+                  "high dimension (Breuleux et al. 2011)",
         "fd_classifier": f"{info.name} (test accuracy {info.test_accuracy:.1%}): Frechet distance in the "
-                         f"classifier's penultimate features between {ev['fd_samples']} prior samples "
-                         f"(decoder means) and the first {n_train} training and {n_test} test images",
-        "chain_drift": f"{ev['chain_starts']} chains from training images (a fixed random subset), decoder "
-                       f"means at steps {sorted(set(ev['chain_steps']))}, FD-classifier against the first "
-                       f"{n_test} test images",
-        "weights": "every stage trains a fixed number of updates; the last weights are evaluated",
+                         f"classifier's 128-d penultimate features between {ev['fd_samples']} prior samples "
+                         f"(decoder means, the first of the Parzen centres) and the first {n_train} training "
+                         f"and {n_test} test images",
+        "mode_coverage": "entropy (nats) of the classifier's predicted classes over the same prior samples",
+        "reconstruction_mse": "mean squared error over pixels between each test image and the decoder "
+                              "mean at z = the mean of q(z|x)",
+        "chain_drift": f"{n_starts} chains from training images (a fixed random subset), decoder means at "
+                       f"steps {sorted(set(ev['chain_steps']))}, FD-classifier against the same {n_train} "
+                       f"training and {n_test} test images. The FD of {n_starts} samples is biased upwards "
+                       f"against that of the first table's {ev['fd_samples']}: compare within this table",
+        "walkback": "walkback variants walk with the chain's feed (model.feed); Alg. 1 samples x from "
+                    "p(x|z), which model.feed = sample gives",
     }
 
 
@@ -307,17 +353,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Data: {d['name']} ({d['source']}), split {d['splits']}; scored on the **test** split "
         f"({p['num_test_images']} images). Binarisation: {p['binarization']}.",
         "",
-        f"Model: z = {m['z_dim']}, MLPs {m['hidden']}, {m['likelihood']} p(x|z), chain feeds the decoder "
-        f"{m['feed']}. Pre-training {c['pretrain']['epochs']} epochs, then {c['unroll']['epochs']} epochs "
-        f"per variant (guided: {c['unroll']['steps']} unrolled steps + guide function, L_g weight "
-        f"{c['guide_f']['lg_weight']}); batch {c['unroll']['batch_size']} × {c['unroll']['q_samples']} draws "
-        f"of q; ORK λ = {c['ork']['kl_weight']}, β = {c['ork']['penalty']}. {p['weights']}.",
+        f"Model: z = {m['z_dim']}, MLPs {m['hidden']}, {m['likelihood']} p(x|z), the chain feeds the decoder "
+        f"{m['feed']} forward. ORK: λ = {c['ork']['kl_weight']}, β = {c['ork']['penalty']} (Eq. 5); VAR: "
+        f"Eq. 2. Training: {p['training']}.",
         "",
         "## ORK vs VAR (and the plain one-step VAE of the same size)",
         "",
         markdown_table(
-            ["variant", "updates (pre + fork)", "test -F(x) bound ↓ (nats)", "IWAE NLL ↓ (estimate)",
-             "Parzen test LL ↑ (estimate)", "σ", "FD-classifier vs train ↓", "FD-classifier vs test ↓",
+            ["variant", "updates (pre + fork)", "test F(x) ↓ (nats, bound)", "IWAE NLL ↓ (nats, estimate)",
+             "Parzen test LL ↑ (nats, estimate)", "σ", "FD-classifier vs train ↓", "FD-classifier vs test ↓",
              "class entropy ↑", "recon. MSE ↓"],
             [[name, f"{x['train']['pretrain_updates']} + {x['train']['fork_updates']}",
               f"{x['bound']['nll']:.2f} ± {x['bound']['stderr']:.2f}",
@@ -328,19 +372,21 @@ def render_markdown(r: dict[str, Any]) -> str:
              for name, x in v.items()],
         ),
         "",
-        f"Bound: {p['bound']}. IWAE: {p['iwae']}. Parzen: {p['parzen']}. FD: {p['fd_classifier']}. Class "
-        f"entropy: of the classifier's predicted classes over the same samples (log 10 = {math.log(10):.3f} "
-        "when all classes are equally frequent). ± is the standard error over test images.",
+        f"F(x): {p['bound']}. IWAE: {p['iwae']}. Parzen: {p['parzen']}. FD: {p['fd_classifier']}. Class "
+        f"entropy: {p['mode_coverage']} (log 10 = {math.log(10):.3f} when all classes are equally frequent). "
+        f"Recon. MSE: {p['reconstruction_mse']}. ± is the standard error over test images."
+        + (f" Walkback: {p['walkback']}." if any(parse_variant(n)[1] == "walkback" for n in v) else ""),
         "",
         f"For reference only (another data set, not comparable): {PAPER_MNIST}.",
         "",
-        "## Chain drift (Fig. 3): FD-classifier against the test split of chain samples, by step",
+        "## Chain drift (Fig. 3): FD-classifier of chain samples, by step",
         "",
     ]
     steps = [e["step"] for e in next(iter(v.values()))["chain_drift"]]
     lines += [
-        markdown_table(["variant", *[f"step {s}" for s in steps], "growth (last / first)"],
-                       [[name, *[f"{e['test']:.2f}" for e in x["chain_drift"]],
+        markdown_table(["variant", *[f"step {s}: vs test (vs train)" for s in steps],
+                        "growth vs test (last / first)"],
+                       [[name, *[f"{e['test']:.2f} ({e['train']:.2f})" for e in x["chain_drift"]],
                          fmt_or_na(x["chain_drift"][-1]["test"] / max(x["chain_drift"][0]["test"], 1e-12),
                                    ".2f")]
                         for name, x in v.items()]),
@@ -353,8 +399,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def figures(trained: dict[str, dict[str, Any]], data: Dataset, config: dict[str, Any], out: Path,
-            classifier: Any) -> None:
+def figures(trained: dict[str, dict[str, Any]], results: dict[str, Any], data: Dataset,
+            config: dict[str, Any], out: Path) -> None:
+    """The PNGs of the page (see the module docstring); the mode-coverage figure shows the histograms of the
+    evaluated samples."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -364,27 +412,28 @@ def figures(trained: dict[str, dict[str, Any]], data: Dataset, config: dict[str,
     shape = data.image_shape
     starts = data.test[: ev["figure_chains"]]
     mask = make_mask_process(ev["partial_mask"], shape)(starts, torch.Generator(starts.device).manual_seed(0))
-    histograms = {}
     for name, tr in trained.items():
         chain = tr["chain"]
         torch.manual_seed(config["seed"] + 3)
         free = chain.run_chain(starts, ev["figure_frames"] * ev["figure_every"], every=ev["figure_every"])
         grid = torch.cat([starts[None], free]).transpose(0, 1).reshape(-1, starts.shape[1])
         save_image_grid(grid, shape, out / f"chains_{name}.png", ncol=ev["figure_frames"] + 1,
-                        title=f"{name}: free chains from test images (left), every "
-                              f"{ev['figure_every']}th step")
-        part = chain.run_chain(starts, ev["figure_frames"] * ev["partial_every"], mask=mask,
+                        title=f"{name}: free chains from test images (left), one frame every "
+                              f"{ev['figure_every']} steps")
+        part = chain.run_chain(starts, ev["figure_frames"] * ev["partial_every"], mask=mask, fill=FILL,
                                every=ev["partial_every"])
-        shown = mask * starts + (1 - mask) * 0.5
+        shown = mask * starts + (1 - mask) * FILL
         grid = torch.cat([starts[None], shown[None], part]).transpose(0, 1).reshape(-1, starts.shape[1])
         save_image_grid(grid, shape, out / f"partial_{name}.png", ncol=ev["figure_frames"] + 2,
                         title=f"{name}: partial control ({ev['partial_mask']} pixels painted in; image, "
-                              f"clamped start, every {ev['partial_every']}nd step)")
-        samples = chain.sample(ev["fd_samples"])
-        save_image_grid(samples[:64], shape, out / f"samples_{name}.png", title=f"{name}: prior samples")
-        histograms[name] = mode_coverage(classifier, samples)
-    save_mode_coverage_figure({k: h["histogram"] for k, h in histograms.items()}, out / "mode_coverage.png",
-                              title=f"predicted classes of {ev['fd_samples']} prior samples ({data.name})")
+                              f"clamped start, one frame every {ev['partial_every']} steps)")
+        save_image_grid(chain.sample(64), shape, out / f"samples_{name}.png",
+                        title=f"{name}: prior samples (decoder means)")
+    save_mode_coverage_figure({k: x["mode_coverage"]["histogram"] for k, x in results.items()},
+                              out / "mode_coverage.png",
+                              class_names=CLASSIFIERS[config["dataset"]].class_names,
+                              title=f"predicted classes of the {ev['fd_samples']} evaluated prior samples "
+                                    f"({data.name})")
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for name, tr in trained.items():

@@ -6,7 +6,10 @@ Import them as Pyro users import ``pyro.infer``::
 
 Objectives (one per module, the equation in its docstring): :class:`PathwiseKL_ELBO` (Bachman & Precup 2015,
 "Data generation as sequential decision making", Eq. 17: negative ELBO with analytic one-step KLs where they
-are valid) and :class:`IWAE_ELBO` (Burda et al. 2016, the importance-weighted bound). Estimators and
+are valid), :class:`IWAE_ELBO` (Burda et al. 2016, the importance-weighted bound) and
+:class:`OverRegularisedKL_ELBO` (Bachman & Precup 2015, "Variational generative stochastic networks with
+collaborative shaping", Eq. 5); that paper's guide function and generator loss (Eqs. 6-7) are
+:class:`CollaborativeShaping`, an :class:`ExtraTerm`. Estimators and
 diagnostics: :func:`importance_log_likelihood`, :func:`log_importance_weights`, :func:`bound_ladder`, PSIS
 k-hat and ESS; :func:`reliability` (the reliability diagram and expected calibration error of predicted
 Bernoulli probabilities, Guo et al. 2017); sample quality (:func:`frechet_distance` in a classifier's
@@ -17,6 +20,7 @@ their own optimisers) and :func:`finetune_guide` (q only, p frozen).
 """
 
 from inference.calibration import Reliability, reliability
+from inference.collaborative import CollaborativeShaping, GuideFunction, generator_hinge, guide_function_loss
 from inference.diagnostics import (
     bound_ladder,
     check_ladder,
@@ -39,6 +43,7 @@ from inference.iwae import (
     log_mean_exp,
     max_plate_nesting,
 )
+from inference.ork_elbo import OverRegularisedKL_ELBO
 from inference.pathwise_kl_elbo import (
     PathwiseKL_ELBO,
     PathwiseKLValidityError,
@@ -51,6 +56,7 @@ from inference.sample_quality import (
     class_entropy,
     frechet_distance,
     gaussian_frechet_distance,
+    histogram_entropy,
     parzen_log_likelihood,
     reconstruction_mse,
     select_parzen_sigma,
@@ -71,6 +77,12 @@ __all__ = [
     "gaussian_frechet_distance",
     "frechet_distance",
     "class_entropy",
+    "histogram_entropy",
+    "CollaborativeShaping",
+    "GuideFunction",
+    "OverRegularisedKL_ELBO",
+    "generator_hinge",
+    "guide_function_loss",
     "ExtraTerm",
     "FDClassifier",
     "IWAE_ELBO",

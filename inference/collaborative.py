@@ -31,7 +31,7 @@ of −f, h -> :func:`generator_hinge`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class GuideFunction(nn.Module):
     def __init__(self, x_dim: int, hidden: Sequence[int] = (1200, 1200), pieces: int = 4,
                  bound: float | None = 20.0) -> None:
         super().__init__()
-        if any(h % pieces for h in hidden) or pieces < 1:
+        if pieces < 1 or any(h % pieces for h in hidden):
             raise ValueError(f"every hidden size must be a multiple of pieces={pieces}, got {list(hidden)}")
         layers: list[nn.Module] = []
         width = x_dim
@@ -88,6 +88,12 @@ def generator_hinge(f: torch.Tensor, linear: float = 0.5, quadratic: float = 0.5
     return linear * excess + quadratic * excess.pow(2)
 
 
+class Unrollable(Protocol):
+    """A generator whose chain can be unrolled differentiably: ``unroll(x) -> (T, B, D)`` emitted points."""
+
+    def unroll(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class CollaborativeShaping(ExtraTerm):
     """The guide function f and the generator loss L_g of a chain, as a trainer hook (module docstring).
 
@@ -100,9 +106,14 @@ class CollaborativeShaping(ExtraTerm):
 
     name = "guide_f"
 
-    def __init__(self, chain: Any, x_dim: int, hidden: Sequence[int] = (1200, 1200), pieces: int = 4,
+    def __init__(self, chain: Unrollable, x_dim: int, hidden: Sequence[int] = (1200, 1200), pieces: int = 4,
                  bound: float | None = 20.0, lr: float = 1e-4, lg_weight: float = 1.0,
                  f_penalty: float = 0.05, linear: float = 0.5, quadratic: float = 0.5) -> None:
+        form = (getattr(chain, "feed", None), getattr(chain, "likelihood", None))
+        if lg_weight and form == ("sample", "bernoulli"):
+            raise ValueError("L_g cannot reach a chain that feeds Bernoulli draws forward (a discrete draw "
+                             "has no reparameterised gradient): use feed='mean' or a Gaussian likelihood, "
+                             "or lg_weight=0")
         self.chain = chain
         self.module = GuideFunction(x_dim, hidden, pieces, bound)
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from inference.sample_quality import class_entropy, frechet_distance
+from inference.sample_quality import class_entropy, frechet_distance, histogram_entropy
 
 __all__ = [
     "CLASSIFIERS",
@@ -112,7 +112,7 @@ CLASSIFIERS: dict[str, ClassifierInfo] = {
         name="FD-classifier: seqgen CNN, fashion-mnist",
         valid_accuracy=0.9226,
         class_names=FASHION_MNIST_CLASSES,
-        train_command="python -m experiments.train_fd_classifier --dataset fashion-mnist",
+        train_command="python -m experiments.train_fd_classifier --dataset fashion-mnist --install",
     ),
     "digits": ClassifierInfo(
         file="digits.pt",
@@ -122,7 +122,7 @@ CLASSIFIERS: dict[str, ClassifierInfo] = {
         name="FD-classifier: seqgen CNN, digits",
         valid_accuracy=0.984,
         class_names=DIGITS_CLASSES,
-        train_command="python -m experiments.train_fd_classifier --dataset digits",
+        train_command="python -m experiments.train_fd_classifier --dataset digits --install",
     ),
 }
 
@@ -284,13 +284,6 @@ def mode_coverage(classifier: FDClassifier, samples: torch.Tensor, batch_size: i
     }
 
 
-def _entropy(histogram: Sequence[float]) -> float:
-    p = torch.tensor(list(histogram), dtype=torch.float64)
-    p = p / p.sum()
-    p = p[p > 0]
-    return float(-(p * p.log()).sum())
-
-
 def save_mode_coverage_figure(histograms: Mapping[str, Sequence[float]], path: str | os.PathLike,
                               title: str, class_names: Sequence[str] | None = None) -> None:
     """The mode-coverage figure: grouped bars of each model's predicted-class histogram (fractions, or
@@ -314,7 +307,7 @@ def save_mode_coverage_figure(histograms: Mapping[str, Sequence[float]], path: s
         p = torch.tensor(list(h), dtype=torch.float64)
         p = (p / p.sum()).tolist()
         xs = [c - 0.4 + width * (i + 0.5) for c in range(k)]
-        ax.bar(xs, p, width=width, label=f"{label} (H = {_entropy(h):.3f} nats)")
+        ax.bar(xs, p, width=width, label=f"{label} (H = {histogram_entropy(h):.3f} nats)")
     ax.axhline(1 / k, color="grey", linestyle="--", linewidth=0.8,
                label=f"uniform (H = log {k} = {math.log(k):.3f})")
     ax.set_xticks(range(k))

@@ -326,7 +326,7 @@ class PathwiseKL_ELBO(Trace_ELBO):
             if kind == "late":
                 self._flag(name, self._late_message(name, late[name]))
             if kl is not None:
-                kl = self._analytic_term(name, kl)
+                kl = self._analytic_term(name, kl, guide_site)
                 yield f"kl/{name}", -kl, -kl, True
             else:
                 # Value: the sampled log-ratio. Surrogate: as Trace_ELBO, the guide enters through its
@@ -341,7 +341,7 @@ class PathwiseKL_ELBO(Trace_ELBO):
                 surrogate = 0.0 if is_identically_zero(entropy) else -entropy
                 yield f"guide/{name}", -site["log_prob"], surrogate, False
 
-    def _analytic_term(self, name: str, kl: torch.Tensor) -> torch.Tensor:
+    def _analytic_term(self, name: str, kl: torch.Tensor, guide_site: dict) -> torch.Tensor:
         """The cost an analytic one-step KL enters the objective with: the KL itself. Variants of the
         objective that reshape the per-example KL (:class:`inference.ork_elbo.OverRegularisedKL_ELBO`)
         override this."""

@@ -35,6 +35,7 @@ __all__ = [
     "class_entropy",
     "frechet_distance",
     "gaussian_frechet_distance",
+    "histogram_entropy",
     "parzen_log_likelihood",
     "reconstruction_mse",
     "select_parzen_sigma",
@@ -88,7 +89,15 @@ def class_entropy(predicted: torch.Tensor, num_classes: int) -> float:
     if predicted.min() < 0 or predicted.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(predicted.min())}, "
                          f"{int(predicted.max())}]")
-    p = torch.bincount(predicted.long(), minlength=num_classes).double() / predicted.numel()
+    return histogram_entropy(torch.bincount(predicted.long(), minlength=num_classes))
+
+
+def histogram_entropy(histogram: Sequence[float] | torch.Tensor) -> float:
+    """Entropy (nats) of a histogram of counts or fractions (normalised here); empty bins contribute 0."""
+    p = torch.as_tensor(histogram, dtype=torch.float64)
+    if p.dim() != 1 or p.numel() == 0 or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"histogram must be a non-empty 1-D set of counts >= 0 with a positive sum, got {p}")
+    p = p / p.sum()
     p = p[p > 0]
     return float(-(p * p.log()).sum())
 

@@ -94,13 +94,15 @@ class GSNChain(VAE):
             sites.append(f"z_{t}")
         return tuple(sites)
 
-    def emission(self, z: torch.Tensor) -> dist.TorchDistribution:
-        """p(x | z) as an event of the image's pixels."""
+    def emission(self, z: torch.Tensor, detach: bool = False) -> dist.TorchDistribution:
+        """p(x | z) as an event of the image's pixels (with ``detach``, built from detached parameters: a draw
+        from it carries no gradient, not even a score-function one)."""
         out = self.decode(z)
         if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
-        return dist.Normal(torch.sigmoid(out), (0.5 * self.log_var).exp().expand_as(out),
-                           validate_args=False).to_event(1)
+            return dist.Bernoulli(logits=out.detach() if detach else out, validate_args=False).to_event(1)
+        log_var = self.log_var.detach() if detach else self.log_var
+        loc = torch.sigmoid(out.detach() if detach else out)
+        return dist.Normal(loc, (0.5 * log_var).exp().expand_as(out), validate_args=False).to_event(1)
 
     def mean(self, z: torch.Tensor) -> torch.Tensor:
         """The decoder mean σ(decoder(z)) of either form: what the chain shows and (``feed="mean"``) feeds."""
@@ -112,11 +114,20 @@ class GSNChain(VAE):
             raise ValueError(f"num_steps must be an int >= 1, got {steps!r}")
         return steps
 
-    def _next(self, em: dist.TorchDistribution, t: int) -> torch.Tensor:
-        """The chain point x_t emitted by step t − 1 (site ``xhat_t`` when sampled); detached for walkback and
-        without ``bptt``."""
-        nxt = em.mean if self.feed == "mean" else pyro.sample(f"xhat_{t}", em)
-        return nxt.detach() if self.walkback or not self.bptt else nxt
+    def _next(self, z: torch.Tensor, em: dist.TorchDistribution, t: int) -> torch.Tensor:
+        """The chain point x_t emitted by step t − 1 from z = z_{t−1} and em = p(x | z) (site ``xhat_t`` when
+        sampled); detached for walkback and without ``bptt``, a sampled point then drawn from detached
+        parameters so that no score-function gradient reaches p through it either."""
+        cut = self.walkback or not self.bptt
+        if self.feed == "mean":
+            return em.mean.detach() if cut else em.mean
+        return pyro.sample(f"xhat_{t}", self.emission(z, detach=True) if cut else em)
+
+    def _transition(self, cur: torch.Tensor) -> tuple[torch.Tensor, dist.TorchDistribution]:
+        """One step of the chain outside Pyro: z ~ q(z | cur) (reparameterised) and p(x | z)."""
+        loc, scale = self.encode(cur)
+        z = loc + scale * torch.randn_like(loc)
+        return z, self.emission(z)
 
     def model(self, x: torch.Tensor | None = None, num_samples: int | None = None,
               num_steps: int | None = None) -> torch.Tensor:
@@ -137,7 +148,7 @@ class GSNChain(VAE):
                 em = self.emission(z)
                 pyro.sample("x" if t == 0 else f"x_{t}", em, obs=x if (t == 0 or self.walkback) else cur)
                 if t + 1 < steps:
-                    cur = self._next(em, t + 1)
+                    cur = self._next(z, em, t + 1)
         return cur
 
     def guide(self, x: torch.Tensor, num_samples: int | None = None, num_steps: int | None = None) -> None:
@@ -150,7 +161,7 @@ class GSNChain(VAE):
                 loc, scale = self.encode(cur)
                 z = pyro.sample(f"z_{t}", dist.Normal(loc, scale).to_event(1))
                 if t + 1 < steps:
-                    cur = self._next(self.emission(z), t + 1)
+                    cur = self._next(z, self.emission(z), t + 1)
 
     def _prior(self) -> dist.TorchDistribution:
         ref = next(self.parameters())
@@ -161,9 +172,7 @@ class GSNChain(VAE):
         z; a Bernoulli ``feed="sample"`` draw carries no gradient): what the guide function judges (Eq. 7)."""
         steps, cur, out = self._steps(num_steps), x, []
         for _ in range(steps):
-            loc, scale = self.encode(cur)
-            z = loc + scale * torch.randn_like(loc)
-            em = self.emission(z)
+            _, em = self._transition(cur)
             cur = em.mean if self.feed == "mean" else em.rsample() if em.has_rsample else em.sample()
             out.append(cur)
         return torch.stack(out)
@@ -188,10 +197,9 @@ class GSNChain(VAE):
                                                                                 device=x0.device)
         frames = []
         for s in range(1, num_steps + 1):
-            loc, scale = self.encode(cur)
-            z = loc + scale * torch.randn_like(loc)
-            shown = self.mean(z)
-            cur = shown if self.feed == "mean" else self.emission(z).sample()
+            _, em = self._transition(cur)
+            shown = em.mean
+            cur = shown if self.feed == "mean" else em.sample()
             if keep is not None:
                 cur, shown = keep * x0 + (1 - keep) * cur, keep * x0 + (1 - keep) * shown
             if (s in wanted) if at is not None else (s % every == 0):

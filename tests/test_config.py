@@ -17,7 +17,14 @@ from experiments.report import reproduce_command, write_report
 def test_every_committed_preset_fits_its_schema(experiment):
     for name in cfg.raw_presets(experiment):
         config = cfg.load_preset(experiment, name)
-        assert config["train"]["epochs"] >= 1 and "dataset" in config
+        schedules = [sec for sec in config.values() if isinstance(sec, dict) and "epochs" in sec]
+        assert "dataset" in config and schedules and all(sec["epochs"] >= 1 for sec in schedules)
+
+
+def test_a_choice_outside_its_list_is_an_error_naming_the_choices():
+    with pytest.raises(cfg.ConfigError, match=r"model.likelihood = 'poisson' is not allowed: choose one of "
+                                              r"\['bernoulli', 'gaussian'\]"):
+        cfg.load_preset("gsn", "quick", [("--set", "model.likelihood=poisson")])
 
 
 @pytest.fixture

@@ -163,5 +163,16 @@ def test_training_command_help_names_every_option(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for option in ("--dataset", "--epochs", "--seed", "--out", "--data-dir", "--no-progress", "--device",
-                   "--threads", "--batch-size", "--lr"):
+                   "--threads", "--batch-size", "--lr", "--install"):
         assert option in text
+
+
+def test_training_never_touches_the_committed_classifier_without_install(tmp_path, monkeypatch, capsys):
+    committed = fdc.FD_WEIGHTS_DIR / fdc.CLASSIFIERS["digits"].file
+    before = fdc.file_sha256(committed)
+    monkeypatch.chdir(tmp_path)
+    assert train_fd_classifier.main(["--dataset", "digits", "--epochs", "1", "--no-progress"]) == 0
+    assert (tmp_path / "runs" / "fd_classifier" / "digits" / "digits.pt").is_file()
+    assert fdc.file_sha256(committed) == before
+    assert train_fd_classifier.main(["--dataset", "digits", "--install", "--out", str(tmp_path / "x")]) == 2
+    assert "--install writes to the committed locations" in capsys.readouterr().err

@@ -114,11 +114,46 @@ def test_ork_reduces_to_the_plain_kl_and_matches_eq5_by_hand():
         OverRegularisedKL_ELBO(kl_weight=-1.0)
 
 
+def _guide_site(x):
+    return poutine.trace(_chain(num_steps=1).guide).get_trace(x).nodes["z_0"]
+
+
 def test_ork_penalty_never_pushes_a_kl_up():
     # K̄ is a constant: the penalty's gradient w.r.t. each example's KL is ≥ 0 (it only pulls KLs down).
     kl = torch.tensor([1.0, 2.0, 5.0], requires_grad=True)
-    OverRegularisedKL_ELBO(kl_weight=0.0, penalty=1.0)._analytic_term("z_0", kl).sum().backward()
+    site = _guide_site(_data(3))
+    OverRegularisedKL_ELBO(kl_weight=0.0, penalty=1.0)._analytic_term("z_0", kl, site).sum().backward()
     assert (kl.grad >= 0).all() and kl.grad[0] == 0 and kl.grad[2] > 0
+
+
+def test_ork_takes_the_batch_mean_per_particle_with_vectorised_particles():
+    # One step: KL(q(z_0 | x) || p) depends on x only, so it is the same in every particle; K̄ must be the mean
+    # over the data plate (not over particles), and the loss the per-particle average of Eq. 5.
+    one, x = _chain(num_steps=1), _data()
+    kw = {"num_particles": 3, "vectorize_particles": True, "max_plate_nesting": 1}
+    pyro.set_rng_seed(7)
+    ork = OverRegularisedKL_ELBO(kl_weight=4.0, penalty=0.1, **kw)
+    ork = ork.differentiable_loss(one.model, one.guide, x)
+    pyro.set_rng_seed(7)
+    plain = PathwiseKL_ELBO(**kw).differentiable_loss(one.model, one.guide, x)
+    loc, scale = one.encode(x)
+    prior = Normal(torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype)).to_event(1)
+    kl = torch.distributions.kl_divergence(Normal(loc, scale).to_event(1), prior)
+    extra = (3.0 * kl + 0.1 * (kl - kl.mean()).clamp(min=0).pow(2)).sum()
+    assert float((ork - plain).detach()) == pytest.approx(float(extra.detach()), rel=1e-10)
+
+
+def test_ork_refuses_scaled_or_masked_sites_and_sites_outside_the_data_plate():
+    x = _data(4)
+    site = _guide_site(x)
+    kl = torch.ones(4, dtype=x.dtype)
+    ork = OverRegularisedKL_ELBO()
+    with pytest.raises(ValueError, match="carries a scale or a mask"):
+        ork._analytic_term("z_0", kl, {**site, "scale": 0.5})
+    with pytest.raises(ValueError, match="carries a scale or a mask"):
+        ork._analytic_term("z_0", kl, {**site, "mask": torch.tensor([True, False, True, True])})
+    with pytest.raises(ValueError, match="not inside a plate named 'data'"):
+        ork._analytic_term("z_0", kl, {**site, "cond_indep_stack": ()})
 
 
 def test_guide_function_loss_is_the_logistic_loss_on_a_hand_made_batch():
@@ -163,11 +198,12 @@ def _trainer(chain, x, tmp_path, extras=(), epochs=1):
                    extras=extras, progress=False)
 
 
-def test_the_unrolled_bound_is_finite_and_falls_over_a_short_run(tmp_path):
+@pytest.mark.parametrize("bptt", [True, False])
+def test_the_unrolled_bound_is_finite_and_falls_over_a_short_run(tmp_path, bptt):
     torch.manual_seed(0)
     x = (torch.rand(200, 16) < torch.linspace(0.1, 0.9, 16)).float()
-    chain = GSNChain(16, 3, (32,), likelihood="bernoulli", num_steps=4)
-    metrics = _trainer(chain, x, tmp_path, epochs=15).fit()
+    chain = GSNChain(16, 3, (32,), likelihood="bernoulli", num_steps=4, bptt=bptt)
+    metrics = _trainer(chain, x, tmp_path, epochs=8).fit()
     losses = [m["train_loss"] for m in metrics]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 1.0
@@ -189,17 +225,38 @@ def test_f_and_the_generator_each_update_only_their_own_parameters(tmp_path):
     term.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in chain.parameters())
     hook.optimizer.zero_grad(set_to_none=True)
+    chain_grads = [None if p.grad is None else p.grad.clone() for p in chain.parameters()]
     chain_before = [p.detach().clone() for p in chain.parameters()]
+    # f's step: Eq. 6 with the data as the positive class, on the minibatch against the emitted points.
+    with torch.no_grad():
+        expected = float(guide_function_loss(hook.module(x), hook.module(hook._generated)))
     metrics = hook.step(x)
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(chain_before, chain.parameters(), strict=True))
+    assert all((a is None and p.grad is None) or torch.equal(a, p.grad)
+               for a, p in zip(chain_grads, chain.parameters(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(f_before, hook.module.parameters(), strict=True))
     assert set(metrics) >= {"loss", "accuracy", "L_g"}
-    # Through the trainer: with f's learning rate 0, f never moves although L_g back-propagates into it.
-    chain2 = GSNChain(16, 3, (12,), likelihood="gaussian", num_steps=3)
-    frozen = CollaborativeShaping(chain2, 16, hidden=(8, 8), pieces=4, lr=0.0, lg_weight=10.0)
-    f_start = [p.detach().clone() for p in frozen.module.parameters()]
-    _trainer(chain2, x, tmp_path / "t", extras=[frozen]).fit()
-    assert all(torch.equal(a, b) for a, b in zip(f_start, frozen.module.parameters(), strict=True))
+
+
+def test_through_the_trainer_f_steps_on_its_own_loss_only(tmp_path):
+    # L_g back-propagates into f's parameters too; the trainer must clear those gradients before f's step,
+    # so that f's optimiser sees only Eq. 6 (and f's parameters never get the generator's gradient).
+    class Checked(CollaborativeShaping):
+        seen: list = []
+
+        def step(self, batch):
+            self.seen.append([p.grad for p in self.module.parameters()])
+            return super().step(batch)
+
+    torch.manual_seed(0)
+    x = torch.rand(50, 16)
+    chain = GSNChain(16, 3, (12,), likelihood="gaussian", num_steps=3)
+    hook = Checked(chain, 16, hidden=(8, 8), pieces=4, lr=1e-2, lg_weight=10.0)
+    with torch.no_grad():
+        hook.module.out.bias.fill_(-3.0)
+    _trainer(chain, x, tmp_path, extras=[hook]).fit()
+    assert hook.seen and all(g is None for grads in hook.seen for g in grads)
 
 
 def test_gsn_chain_is_registered_and_validates_its_arguments():
@@ -225,10 +282,26 @@ def _run(tmp_path, *extra):
     return main(["--preset", "quick", "--out", str(tmp_path), "--no-progress", *sets, *extra])
 
 
-def test_the_experiment_runs_end_to_end_and_reports_what_it_measured(tmp_path, capsys):
+def test_the_experiment_runs_end_to_end_and_reports_what_it_measured(tmp_path, capsys, monkeypatch):
     import json
 
+    import experiments.gsn as gsn
+    from experiments.data import load_dataset
+
+    chosen_on = []
+
+    def recording(centres, points, grid=None, **kw):
+        chosen_on.append(points.clone())
+        return select(centres, points, grid, **kw)
+
+    select = gsn.select_parzen_sigma
+    monkeypatch.setattr(gsn, "select_parzen_sigma", recording)
     assert _run(tmp_path, "--set", "variants=[ork-guided,ork-walkback]") == 0
+    # σ is only ever chosen on validation images (the evaluation's and the curves' halves), never on test.
+    valid, test = load_dataset("digits").valid, load_dataset("digits").test
+    allowed = (valid[:250], valid[:125])
+    assert chosen_on and all(any(torch.equal(p, a) for a in allowed) for p in chosen_on)
+    assert not any(p.shape == test.shape and torch.equal(p, test) for p in chosen_on)
     r = json.loads((tmp_path / "results.json").read_text())
     assert set(r["variants"]) == {"ork-guided", "ork-walkback"}
     for v in r["variants"].values():
@@ -241,6 +314,10 @@ def test_the_experiment_runs_end_to_end_and_reports_what_it_measured(tmp_path, c
         assert set(scores) == set(r["config"]["eval"]["parzen_grid"])
     page = (tmp_path / "results.md").read_text()
     assert "FD-classifier" in page and "FID" not in page and "MNIST" in page
+    # The table shows F(x), the upper bound on -log p(x), under its own name.
+    row = next(line for line in page.splitlines() if line.startswith("| ork-guided |"))
+    assert "test F(x) ↓ (nats, bound)" in page
+    assert f"{r['variants']['ork-guided']['bound']['nll']:.2f} ±" in row
     for name in ("curves.png", "mode_coverage.png", "chains_ork-guided.png", "partial_ork-walkback.png"):
         assert (tmp_path / name).stat().st_size > 1000
     # The guide function was trained beside the guided fork, and its metrics were logged.
@@ -265,3 +342,22 @@ def test_a_variant_directory_loads_as_a_trained_model(tmp_path):
     assert run.module.sample(3).shape == (3, 64)
     assert sample_main(["--run", str(tmp_path / "var-guided"), "--n", "4", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "samples.png").is_file()
+
+
+@pytest.mark.parametrize("kw", [{"walkback": True}, {"bptt": False}])
+def test_a_cut_walk_passes_no_gradient_through_its_draws(kw):
+    # With walkback or without bptt, a sampled chain point is drawn from detached parameters: no pathwise and
+    # no score-function gradient reaches p or q through the walk.
+    chain, x = _chain(likelihood="bernoulli", feed="sample", **kw), _data()
+    trace = poutine.trace(chain.guide).get_trace(x)
+    assert not trace.nodes["xhat_1"]["fn"].base_dist.logits.requires_grad
+    assert not trace.nodes["xhat_1"]["value"].requires_grad
+    unrolled = _chain(likelihood="bernoulli", feed="sample")
+    assert poutine.trace(unrolled.guide).get_trace(x).nodes["xhat_1"]["fn"].base_dist.logits.requires_grad
+
+
+def test_l_g_refuses_a_chain_it_cannot_reach():
+    chain = _chain(likelihood="bernoulli", feed="sample")
+    with pytest.raises(ValueError, match="cannot reach a chain that feeds Bernoulli draws"):
+        CollaborativeShaping(chain, 16, hidden=(8, 8), pieces=4)
+    CollaborativeShaping(chain, 16, hidden=(8, 8), pieces=4, lg_weight=0.0)  # f alone is fine

@@ -15,6 +15,7 @@ from ppl_models.masks import make_mask_process
 D = 64  # 8x8 images
 SIZES = {
     "vae": {"z_dim": 3, "hidden": (16,)},
+    "gsn-chain": {"z_dim": 3, "hidden": (16,), "num_steps": 3},
     "miwae": {"z_dim": 3, "hidden": (16,)},
     "gpsi-add": {"z_dim": 4, "hidden": (16,), "num_steps": 3},
     "gpsi-jump": {"z_dim": 4, "hidden": (16,), "num_steps": 3},
