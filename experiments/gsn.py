@@ -368,7 +368,7 @@ def render_markdown(r: dict[str, Any]) -> str:
               f"{x['iwae']['nll']:.2f} ± {x['iwae']['stderr']:.2f}",
               f"{x['parzen']['mean']:.1f} ± {x['parzen']['stderr']:.1f}", f"{x['parzen']['sigma']:.3f}",
               f"{x['fd_classifier']['train']:.2f}", f"{x['fd_classifier']['test']:.2f}",
-              f"{x['mode_coverage']['entropy'] + 0.0:.3f}", f"{x['reconstruction_mse']:.4f}"]
+              f"{x['mode_coverage']['entropy']:.3f}", f"{x['reconstruction_mse']:.4f}"]
              for name, x in v.items()],
         ),
         "",
@@ -392,7 +392,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                         for name, x in v.items()]),
         "",
         f"Chains: {p['chain_drift']}. Class entropy of the chain samples at the same steps: "
-        + "; ".join(f"{name} " + ", ".join(f"{e['mode_entropy'] + 0.0:.2f}" for e in x["chain_drift"])
+        + "; ".join(f"{name} " + ", ".join(f"{e['mode_entropy']:.2f}" for e in x["chain_drift"])
                     for name, x in v.items()) + ".",
         "",
     ]

@@ -99,7 +99,7 @@ def histogram_entropy(histogram: Sequence[float] | torch.Tensor) -> float:
         raise ValueError(f"histogram must be a non-empty 1-D set of counts >= 0 with a positive sum, got {p}")
     p = p / p.sum()
     p = p[p > 0]
-    return float(-(p * p.log()).sum())
+    return max(0.0, float(-(p * p.log()).sum()))  # 0, not -0.0, for a single class
 
 
 def parzen_log_likelihood(centres: torch.Tensor, points: torch.Tensor, sigma: float, *,

@@ -4,15 +4,17 @@ Bachman & Precup (2015), "Variational generative stochastic networks with collab
 and 6, Fig. 1(c) and Fig. 2. A VAE — corruptor q(z | x), reconstructor p(x | z), prior p*(z) = N(0, I) —
 is looped on itself: x_0 ~ D, z_t ~ q(z | x_t), x_{t+1} ~ p(x | z_t). Trained unrolled for T steps from a
 data point, the objective is the sum of the per-step free energies (Eq. 2) on the pairs (x_t, z_t) that the
-unrolling generates, with gradients through the unrolled graph (BPTT)::
+unrolling generates, with gradients through the unrolled graph (BPTT, ``bptt=True``, as the paper)::
 
     L(x_0) = Σ_{t=0}^{T-1} E[ −log p(x_t | z_t) + KL(q(z_t | x_t) || p*(z_t)) ],
              z_t ~ q(z | x_t),   x_{t+1} = feed(p(x | z_t))
 
 The gradient of the later steps' free energies through the chain points (``bptt=True``) rewards a chain
 that emits points easy to reconstruct — with a learned Gaussian variance, a constant image is the easiest —
-and can collapse the chain; ``bptt=False`` treats the generated pairs as data for the free energies and
-leaves the back-propagation through the chain to the guide function's loss L_g (:meth:`unroll`).
+and can collapse the chain (it did on digits, with either likelihood and any weight of L_g; the repository's
+``results/gsn-digits-study``); ``bptt=False`` treats the generated pairs as data for the free energies and
+leaves the back-propagation through the chain to the guide function's loss L_g (:meth:`unroll`). The
+experiment's presets use ``bptt=False``.
 
 ``num_steps=1`` is the plain VAE (the pre-training of Fig. 1(c), and the one-step bound F(x) every table
 reports). Walkback (Alg. 1, Eq. 4 with x̃ ~ W) is the alternative, ``walkback=True``: the same walk, but
