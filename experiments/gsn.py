@@ -26,7 +26,9 @@ against the test split of the chains' emitted means at the steps ``eval.chain_st
 Figures: long-run free chains (every ``figure_every``-th sample, Fig. 4a left), partial-control chains
 (Fig. 4a right), Parzen and bound curves over training (Fig. 4b), the reconstruction-vs-KL scatter (Fig. 4c),
 prior samples and mode coverage. Outputs in ``--out``: results.json, results.md, the PNGs, and one
-sub-directory per training stage (checkpoint.pt, metrics.jsonl) so that ``--resume`` continues any stage.
+sub-directory per training stage (checkpoint.pt, metrics.jsonl) so that ``--resume`` continues any stage;
+each variant's directory also holds its evaluated weights (final.pt) and result.json, which
+``experiments.runs.load_run`` and ``python -m experiments.sample --run DIR`` load.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from inference.sample_quality import (
     select_parzen_sigma,
 )
 from inference.scoring import nll_summary, score_bound_and_iwae
-from inference.train import load_checkpoint
+from inference.train import load_checkpoint, save_checkpoint
 from ppl_models.gsn_chain import GSNChain
 from ppl_models.masks import make_mask_process
 
@@ -71,6 +73,8 @@ EXPERIMENT = "gsn"
 DEFAULT_OUT = "runs/gsn"
 OBJECTIVES = ("var", "ork")
 PHASES = ("guided", "unrolled", "onestep", "walkback")
+#: Each variant's evaluated weights, which experiments.runs.load_run loads.
+FINAL_WEIGHTS = "final.pt"
 #: The value the hidden pixels of a partial-control chain start at.
 FILL = 0.5
 #: The paper's MNIST numbers (Sec. 7), quoted beside — never inside — our Fashion-MNIST tables.
@@ -277,9 +281,12 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     }
     write_report(ctx.out, "results", out, render_markdown(out), config=config, command=ctx.command)
     for name, tr in trained.items():  # each variant's directory loads with experiments.runs.load_run
+        # The evaluated (last) weights alone: checkpoint.pt also holds optimiser state and f, and best.pt is
+        # the best validation epoch, which was not evaluated.
+        save_checkpoint({"module": tr["chain"].state_dict()}, ctx.out / name / FINAL_WEIGHTS)
         write_json(ctx.out / name / "result.json",
                    {"experiment": EXPERIMENT, "variant": name, "config": config,
-                    "weights_file": "checkpoint.pt", "num_steps": tr["chain"].num_steps,
+                    "weights_file": FINAL_WEIGHTS, "num_steps": tr["chain"].num_steps,
                     "walkback": tr["chain"].walkback, "results": results[name]})
     figures(trained, results, data, config, ctx.out)
     return out

@@ -5,7 +5,7 @@ imputation and sequential-generation experiments, ``results.json`` for the VAE e
 configuration that actually ran, and ``best.pt``, the weights of the best validation epoch. :func:`load_run`
 reads the configuration, builds the registered model (:mod:`ppl_models.base`) with those sizes and loads the
 weights (``best.pt``, or the file the result names in ``weights_file``: the variational-GSN experiment
-evaluates each variant's last weights, ``checkpoint.pt``); nothing else of the experiment is needed, and no
+evaluates each variant's last weights, ``final.pt``); nothing else of the experiment is needed, and no
 data::
 
     from experiments.runs import load_run
