@@ -455,7 +455,8 @@ def figures(trained: dict[str, dict[str, Any]], results: dict[str, Any], data: D
         axes[1].plot(*zip(*bnd, strict=True), marker=".", label=name)
         sc = [mm for _, mm in pts if "scatter_rec" in mm]
         for i, mm in enumerate(sc):
-            axes[2].scatter(mm["scatter_kl"], mm["scatter_rec"], s=4, alpha=0.2 + 0.8 * (i + 1) / len(sc),
+            shade = min(1.0, 0.2 + 0.8 * (i + 1) / len(sc))  # float rounding may pass 1
+            axes[2].scatter(mm["scatter_kl"], mm["scatter_rec"], s=4, alpha=shade,
                             color=f"C{list(trained).index(name)}", label=name if i == len(sc) - 1 else None)
     axes[0].set(xlabel="update", ylabel="validation Parzen LL (nats, estimate)", title="Parzen (Fig. 4b)")
     axes[1].set(xlabel="update", ylabel="validation -F(x) (nats, bound)", title="variational bound (Fig. 4b)")
