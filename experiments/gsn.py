@@ -37,6 +37,7 @@ import argparse
 import functools
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,8 @@ def one_step(chain: GSNChain) -> tuple[Any, Any]:
     return functools.partial(chain.model, num_steps=1), functools.partial(chain.guide, num_steps=1)
 
 
-def curve_metrics(chain: GSNChain, data: Dataset, ev: dict[str, Any], every: int, last: int):
+def curve_metrics(chain: GSNChain, data: Dataset, ev: dict[str, Any], every: int,
+                  last: int) -> Callable[[int], dict[str, Any]]:
     """evaluate_more for train_best: every ``every`` epochs (and the last), a validation Parzen estimate (σ
     chosen on the first half of the first ``curve_valid`` validation images, scored on the second half) and
     the mean reconstruction cost and KL of ``scatter_points`` validation images (10 draws each), with the

@@ -132,7 +132,8 @@ class FDClassifier(nn.Module):
     layers. :meth:`features` gives the 128-d penultimate features (after the ReLU, before dropout),
     :meth:`forward` the class logits, :meth:`predict` the predicted labels."""
 
-    def __init__(self, image_shape: Sequence[int], num_classes: int = NUM_CLASSES, dropout: float = 0.5):
+    def __init__(self, image_shape: Sequence[int], num_classes: int = NUM_CLASSES,
+                 dropout: float = 0.5) -> None:
         super().__init__()
         if len(image_shape) != 2 or min(image_shape) < 4:
             raise ValueError(f"image_shape must be (H, W) with H, W >= 4, got {tuple(image_shape)}")
