@@ -15,6 +15,7 @@ for the VAE; Mattei & Frellsen (2019) for MIWAE; the linear-Gaussian chain is th
 """
 
 from ppl_models.base import ModelGuidePair, ModelSpec, build_model, model_names, model_spec, register_model
+from ppl_models.diffusion import BernoulliDiffusion
 from ppl_models.draw import DRAWGenerator
 from ppl_models.gpsi import GPSI
 from ppl_models.gsn_chain import GSNChain
@@ -33,6 +34,7 @@ __all__ = [
     "model_names",
     "model_spec",
     "register_model",
+    "BernoulliDiffusion",
     "DRAWGenerator",
     "GPSI",
     "GSNChain",

@@ -1,0 +1,162 @@
+"""Bernoulli (bit-flip) diffusion as a model/guide pair: a fixed noising guide and a learned denoising model.
+
+Bachman & Precup (2015), "Data generation as sequential decision making", Sec. 2.3 and 7.2, Eq. 9: the
+diffusion model of Sohl-Dickstein et al. (2015, "Deep unsupervised learning using nonequilibrium
+thermodynamics", binomial diffusion) seen as guided policy search — a fixed guide policy q that destroys the
+data step by step, and a learned primary policy p that runs the other way and is trained with the path-wise
+KL. **Time runs the other way from Eq. 9**: there the Gaussian (here: uniform) end is p_0 and the data sits
+at the end of the trajectory; here, as in Sohl-Dickstein et al. and Ho et al. (2020), x_0 is the data and
+x_T the noise, and the model's first decision is x_T.
+
+Forward (noising) process, per pixel, with β_t = 1 / (T − t + 1) so that β_T = 1 and x_T is exactly uniform::
+
+    q(x_t | x_{t-1}) = Bernoulli(x_{t-1} (1 − β_t) + β_t / 2)
+    q(x_t | x_0)     = Bernoulli(x_0 ᾱ_t + (1 − ᾱ_t) / 2),          ᾱ_t = Π_{s ≤ t} (1 − β_s)
+    q(x_{t-1} | x_t, x_0) ∝ q(x_t | x_{t-1}) q(x_{t-1} | x_0)        (closed form, a Bernoulli)
+
+The guide runs it from the data **in the model's order** — x_T ~ q(x_T | x_0), then x_{t-1} ~ q(x_{t-1} |
+x_t, x_0) — so every model parent of a site is sampled before it and :class:`inference.PathwiseKL_ELBO`
+takes every per-step KL analytically (its validity check agrees; a test asserts it). The model::
+
+    p(x_T) = Bernoulli(1/2),   p(x_{t-1} | x_t) = Σ_{x_0} p̂(x_0 | x_t, t) q(x_{t-1} | x_t, x_0)
+
+with p̂(x_0 = 1 | x_t, t) = σ(f_θ(x_t, t)) the network's guess of the data (the "x_0-prediction"
+parameterisation; a mixture of Bernoullis over one binary pixel is a Bernoulli), and at t = 1 the
+observation p(x_0 | x_1) = Bernoulli(p̂(x_0 | x_1, 1)). The negative ELBO is then Eq. 17 of the paper for
+this pair: L_T + Σ_{t ≥ 2} KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) − log p(x_0 | x_1), with L_T =
+KL(q(x_T | x_0) || p(x_T)) = 0 for this schedule.
+
+Symbols to code: q -> :meth:`guide` (no parameters), p -> :meth:`model`, x_t -> the sample site
+``z_{T−t}`` (the library's scheme numbers sites in the model's order: ``z_0`` is x_T, ``z_{T−1}`` is x_1),
+x_0 -> the observation ``x``, T -> ``num_steps``, f_θ -> ``denoiser`` (an MLP on [x_t, an embedding of t]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from ppl_models.base import ModelGuidePair, register_model
+from ppl_models.policy_parts import mlp
+
+
+def bitflip_schedule(num_steps: int) -> torch.Tensor:
+    """β_1 … β_T with β_t = 1 / (T − t + 1), float64 (β_T = 1: x_T is uniform whatever x_0)."""
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    t = torch.arange(1, num_steps + 1, dtype=torch.float64)
+    return 1.0 / (num_steps - t + 1)
+
+
+class BernoulliDiffusion(ModelGuidePair):
+    """Bit-flip diffusion on binary images (see the module docstring).
+
+    :param x_dim: pixels per image.
+    :param num_steps: T.
+    :param hidden: hidden sizes of the denoiser MLP.
+    :param embed_dim: size of the sinusoidal step embedding fed to the denoiser.
+    """
+
+    param_prefix = "diffusion"
+
+    def __init__(self, x_dim: int = 784, num_steps: int = 20, hidden: tuple[int, ...] = (500, 500),
+                 embed_dim: int = 32) -> None:
+        super().__init__()
+        if x_dim < 1 or embed_dim < 2 or any(h < 1 for h in hidden):
+            raise ValueError(f"x_dim >= 1, embed_dim >= 2 and hidden sizes >= 1 required, got {x_dim}, "
+                             f"{embed_dim}, {hidden}")
+        self.x_dim, self.num_steps, self.embed_dim = x_dim, num_steps, embed_dim
+        beta = bitflip_schedule(num_steps)
+        self.register_buffer("beta", beta.float())
+        self.register_buffer("alpha_bar", torch.cumprod(1 - beta, 0).float())
+        self.denoiser = mlp([x_dim + embed_dim, *hidden, x_dim])
+
+    @property
+    def latent_sites(self) -> tuple[str, ...]:
+        return tuple(f"z_{k}" for k in range(self.num_steps))
+
+    def guide_parameters(self) -> list[nn.Parameter]:
+        """The guide is the fixed noising process: it has no parameters."""
+        return []
+
+    # ------------------------------------------------------------------------------- closed forms
+    def q_t_given_0(self, x0: torch.Tensor, t: int) -> torch.Tensor:
+        """P(x_t = 1 | x_0) per pixel (t = 0 returns x_0)."""
+        a = self.alpha_bar[t - 1] if t > 0 else x0.new_tensor(1.0)
+        return x0 * a + (1 - a) / 2
+
+    def posterior(self, xt: torch.Tensor, p0: torch.Tensor, t: int) -> torch.Tensor:
+        """P(x_{t-1} = 1 | x_t, x_0) for t ≥ 2, with x_0 given as P(x_0 = 1) = ``p0`` (0/1 data, or the
+        denoiser's guess, which mixes the two posteriors)."""
+        b = self.beta[t - 1]
+        like1 = xt * (1 - b / 2) + (1 - xt) * (b / 2)  # q(x_t | x_{t-1} = 1)
+        like0 = xt * (b / 2) + (1 - xt) * (1 - b / 2)  # q(x_t | x_{t-1} = 0)
+        out = 0.0
+        for x0_value, weight in ((1.0, p0), (0.0, 1 - p0)):
+            prior1 = self.q_t_given_0(torch.full_like(xt, x0_value), t - 1)
+            num = like1 * prior1
+            out = out + weight * num / (num + like0 * (1 - prior1))
+        return out
+
+    def embed(self, t: int, batch_shape: torch.Size) -> torch.Tensor:
+        """Sinusoidal embedding of the step t (Vaswani et al. 2017), expanded to ``batch_shape``."""
+        half = self.embed_dim // 2
+        ref = self.beta
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=ref.device, dtype=ref.dtype) / half)
+        e = torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)])
+        e = torch.nn.functional.pad(e, (0, self.embed_dim - e.numel()))
+        return e.expand(*batch_shape, self.embed_dim)
+
+    def predict_x0(self, xt: torch.Tensor, t: int) -> torch.Tensor:
+        """p̂(x_0 = 1 | x_t, t) = σ(f_θ(x_t, t))."""
+        return torch.sigmoid(self.denoiser(torch.cat([xt, self.embed(t, xt.shape[:-1])], -1)))
+
+    def _step_probs(self, xt: torch.Tensor, t: int) -> torch.Tensor:
+        """P(x_{t-1} = 1 | x_t) under the model (t ≥ 2), or p̂(x_0 = 1 | x_1) at t = 1."""
+        p0 = self.predict_x0(xt, t)
+        return p0 if t == 1 else self.posterior(xt, p0, t)
+
+    @staticmethod
+    def _bern(probs: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Bernoulli(probs=probs.clamp(1e-6, 1 - 1e-6), validate_args=False).to_event(1)
+
+    # -------------------------------------------------------------------------------- Pyro programs
+    def model(self, x: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
+        """p: x_T ~ Bernoulli(1/2), then the denoising steps down to the observation ``x`` = x_0."""
+        pyro.module(self.param_prefix, self)
+        if x is None and num_samples is None:
+            raise ValueError("model needs data x or num_samples to sample unconditionally")
+        n = x.shape[0] if x is not None else num_samples
+        T = self.num_steps
+        with pyro.plate("data", n):
+            xt = pyro.sample("z_0", self._bern(self.beta.new_full((n, self.x_dim), 0.5)))
+            for k in pyro.markov(range(1, T)):  # site z_k is x_{T-k}, drawn from p(x_{T-k} | x_{T-k+1})
+                xt = pyro.sample(f"z_{k}", self._bern(self._step_probs(xt, T - k + 1)))
+            probs = self._step_probs(xt, 1)
+            pyro.sample("x", self._bern(probs), obs=x)
+        return probs
+
+    def guide(self, x: torch.Tensor, num_samples: int | None = None) -> None:
+        """q in the model's order: x_T ~ q(x_T | x_0), then x_{t-1} ~ q(x_{t-1} | x_t, x_0)."""
+        T = self.num_steps
+        with pyro.plate("data", x.shape[0]):
+            xt = pyro.sample("z_0", self._bern(self.q_t_given_0(x, T)))
+            for k in pyro.markov(range(1, T)):
+                xt = pyro.sample(f"z_{k}", self._bern(self.posterior(xt, x, T - k + 1)))
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """Ancestral sampling with all T steps; returns p̂(x_0 = 1 | x_1), the final step's Bernoulli means."""
+        xt = torch.bernoulli(self.beta.new_full((num_samples, self.x_dim), 0.5))
+        for t in range(self.num_steps, 1, -1):
+            xt = torch.bernoulli(self._step_probs(xt, t))
+        return self._step_probs(xt, 1)
+
+
+register_model("diffusion-bernoulli", BernoulliDiffusion, kind="generator",
+               about="bit-flip diffusion, a fixed noising guide and a learned denoising model "
+                     "(Sohl-Dickstein et al. 2015; Bachman & Precup 2015, Sec. 2.3, Eq. 9)")
