@@ -32,6 +32,7 @@ from inference.diagnostics import (
     per_step_curves,
     psis_khat,
 )
+from inference.diffusion_elbo import SubsampledDiffusionELBO
 from inference.fd_classifier import FDClassifier, fd_scores, load_fd_classifier, mode_coverage
 from inference.finetune import finetune_guide, frozen_except
 from inference.importance import ImportanceEstimate, importance_log_likelihood
@@ -81,6 +82,7 @@ __all__ = [
     "CollaborativeShaping",
     "GuideFunction",
     "OverRegularisedKL_ELBO",
+    "SubsampledDiffusionELBO",
     "generator_hinge",
     "guide_function_loss",
     "ExtraTerm",

@@ -39,6 +39,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions import kl_divergence
 
 from ppl_models.base import ModelGuidePair, register_model
 from ppl_models.policy_parts import mlp
@@ -123,6 +124,21 @@ class BernoulliDiffusion(ModelGuidePair):
     @staticmethod
     def _bern(probs: torch.Tensor) -> dist.TorchDistribution:
         return dist.Bernoulli(probs=probs.clamp(1e-6, 1 - 1e-6), validate_args=False).to_event(1)
+
+    # ------------------------------------------------- per-step terms (inference.diffusion_elbo uses them)
+    def step_kl(self, xt: torch.Tensor, x0: torch.Tensor, t: int) -> torch.Tensor:
+        """KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) per data point, for t ≥ 2 (the term
+        PathwiseKL_ELBO takes at site ``z_{T−t+1}``)."""
+        return kl_divergence(self._bern(self.posterior(xt, x0, t)), self._bern(self._step_probs(xt, t)))
+
+    def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x_0) || p(x_T)) per data point (0 for this schedule, whose x_T is uniform)."""
+        q = self._bern(self.q_t_given_0(x0, self.num_steps))
+        return kl_divergence(q, self._bern(torch.full_like(x0, 0.5)))
+
+    def decoder_nll(self, x1: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """−log p(x_0 | x_1) per data point."""
+        return -self._bern(self._step_probs(x1, 1)).log_prob(x0)
 
     # -------------------------------------------------------------------------------- Pyro programs
     def model(self, x: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
