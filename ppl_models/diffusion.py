@@ -42,6 +42,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from ppl_models.base import ModelGuidePair, register_model
+from ppl_models.masks import validate_mask
 from ppl_models.policy_parts import mlp
 
 
@@ -90,15 +91,20 @@ class BernoulliDiffusion(ModelGuidePair):
         a = self.alpha_bar[t - 1] if t > 0 else x0.new_tensor(1.0)
         return x0 * a + (1 - a) / 2
 
-    def posterior(self, xt: torch.Tensor, p0: torch.Tensor, t: int) -> torch.Tensor:
-        """P(x_{t-1} = 1 | x_t, x_0) for t ≥ 2, with x_0 given as P(x_0 = 1) = ``p0`` (0/1 data, or the
-        denoiser's guess, which mixes the two posteriors)."""
-        b = self.beta[t - 1]
-        like1 = xt * (1 - b / 2) + (1 - xt) * (b / 2)  # q(x_t | x_{t-1} = 1)
-        like0 = xt * (b / 2) + (1 - xt) * (1 - b / 2)  # q(x_t | x_{t-1} = 0)
+    def posterior(self, xt: torch.Tensor, p0: torch.Tensor, t: int, s: int | None = None) -> torch.Tensor:
+        """P(x_s = 1 | x_t, x_0) for 1 ≤ s < t (default s = t − 1), with x_0 given as P(x_0 = 1) = ``p0`` (0/1
+        data, or the denoiser's guess, which mixes the two posteriors). The kernel from s to t is
+        q(x_t | x_s) = Bernoulli(x_s r + (1 − r)/2) with r = ᾱ_t / ᾱ_s (one step: r = 1 − β_t)."""
+        s = t - 1 if s is None else s
+        if not 1 <= s < t <= self.num_steps:
+            raise ValueError(f"need 1 <= s < t <= T = {self.num_steps}, got s={s}, t={t}")
+        r = self.alpha_bar[t - 1] / self.alpha_bar[s - 1]
+        k1, k0 = (1 + r) / 2, (1 - r) / 2  # q(x_t = 1 | x_s = 1), q(x_t = 1 | x_s = 0)
+        like1 = xt * k1 + (1 - xt) * (1 - k1)
+        like0 = xt * k0 + (1 - xt) * (1 - k0)
         out = 0.0
         for x0_value, weight in ((1.0, p0), (0.0, 1 - p0)):
-            prior1 = self.q_t_given_0(torch.full_like(xt, x0_value), t - 1)
+            prior1 = self.q_t_given_0(torch.full_like(xt, x0_value), s)
             num = like1 * prior1
             out = out + weight * num / (num + like0 * (1 - prior1))
         return out
@@ -164,13 +170,44 @@ class BernoulliDiffusion(ModelGuidePair):
             for k in pyro.markov(range(1, T)):
                 xt = pyro.sample(f"z_{k}", self._bern(self.posterior(xt, x, T - k + 1)))
 
+    def strides(self, steps: int | None = None) -> list[int]:
+        """The decreasing time steps a sampler visits: all of T … 1, or ``steps`` of them evenly spaced
+        (always T and 1): the strided, DDIM-style fast sampler jumps x_t -> x_s with the closed-form posterior
+        q(x_s | x_t, x̂_0)."""
+        T = self.num_steps
+        if steps is None or steps >= T:
+            return list(range(T, 0, -1))
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2 (T and 1) or None, got {steps}")
+        return sorted({round(T - i * (T - 1) / (steps - 1)) for i in range(steps)}, reverse=True)
+
     @torch.no_grad()
-    def sample(self, num_samples: int) -> torch.Tensor:
-        """Ancestral sampling with all T steps; returns p̂(x_0 = 1 | x_1), the final step's Bernoulli means."""
-        xt = torch.bernoulli(self.beta.new_full((num_samples, self.x_dim), 0.5))
-        for t in range(self.num_steps, 1, -1):
-            xt = torch.bernoulli(self._step_probs(xt, t))
+    def _denoise(self, xt: torch.Tensor, steps: int | None,
+                 clamp: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run p from x_T = ``xt`` along :meth:`strides`; with ``clamp = (x, mask)`` the known pixels are
+        re-drawn from q(x_s | x_0) at every visited step. Returns p̂(x_0 = 1 | x_1)."""
+        ts = self.strides(steps)
+        for t, s in zip(ts[:-1], ts[1:], strict=True):
+            xt = torch.bernoulli(self.posterior(xt, self.predict_x0(xt, t), t, s))
+            if clamp is not None:
+                x, mask = clamp
+                xt = mask * torch.bernoulli(self.q_t_given_0(x, s)) + (1 - mask) * xt
         return self._step_probs(xt, 1)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, steps: int | None = None) -> torch.Tensor:
+        """Ancestral sampling, with all T steps (``steps=None``) or ``steps`` strided ones; returns
+        p̂(x_0 = 1 | x_1), the final step's Bernoulli means (num_samples, x_dim)."""
+        return self._denoise(torch.bernoulli(self.beta.new_full((num_samples, self.x_dim), 0.5)), steps)
+
+    @torch.no_grad()
+    def inpaint(self, x: torch.Tensor, mask: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Impute the pixels where ``mask`` is 0 (``ppl_models.masks`` convention: 1 = known) by denoising
+        with the known pixels clamped to draws of q(x_s | x_0) on the way and to their values at the end;
+        returns the known pixels and the imputed Bernoulli means."""
+        mask = validate_mask(mask, x)
+        probs = self._denoise(torch.bernoulli(torch.full_like(x, 0.5)), steps, clamp=(x, mask))
+        return mask * x + (1 - mask) * probs
 
 
 register_model("diffusion-bernoulli", BernoulliDiffusion, kind="generator",

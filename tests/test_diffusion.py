@@ -127,3 +127,38 @@ def test_each_analytic_step_kl_agrees_with_a_monte_carlo_estimate():
             ratio = q.log_prob(draws) - p.log_prob(draws)
             se = float(ratio.std() / math.sqrt(ratio.numel()))
             assert abs(float(ratio.mean()) - float(pair.step_kl(xt, x0, t))) < 4 * se + 1e-9
+
+
+def test_a_strided_jump_is_bayes_rule_on_the_composed_kernels():
+    pair = _pair(T=8, D=1)
+
+    def kernel(t):  # 2x2 one-step kernel q(x_t = j | x_{t-1} = i)
+        b = float(pair.beta[t - 1])
+        return torch.tensor([[1 - b / 2, b / 2], [b / 2, 1 - b / 2]], dtype=torch.float64)
+
+    for s, t in ((1, 4), (2, 8), (5, 6)):
+        composed = torch.eye(2, dtype=torch.float64)
+        for u in range(s + 1, t + 1):
+            composed = composed @ kernel(u)
+        for x0, xt in itertools.product([0.0, 1.0], repeat=2):
+            prior1 = float(pair.q_t_given_0(torch.tensor([x0], dtype=torch.float64), s))
+            num1 = composed[1, int(xt)] * prior1
+            expected = float(num1 / (num1 + composed[0, int(xt)] * (1 - prior1)))
+            got = float(pair.posterior(torch.tensor([xt]), torch.tensor([x0]), t, s))
+            assert got == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="need 1 <= s < t <= T"):
+        pair.posterior(torch.tensor([1.0]), torch.tensor([1.0]), 3, 3)
+
+
+def test_strided_sampling_and_inpainting_keep_what_they_promise():
+    from ppl_models.masks import MAR
+
+    pair = build_model("diffusion-bernoulli", x_dim=16, num_steps=20, hidden=(8,))
+    assert pair.strides() == list(range(20, 0, -1))
+    assert pair.strides(5) == [20, 15, 10, 6, 1] and pair.strides(2) == [20, 1]
+    assert pair.sample(3, steps=5).shape == (3, 16)
+    x = torch.rand(4, 16).bernoulli()
+    mask = MAR(2, (4, 4))(x, torch.Generator().manual_seed(0))
+    out = pair.inpaint(x, mask, steps=6)
+    assert torch.equal(out * mask, x * mask)  # clamped pixels never change
+    assert ((out >= 0) & (out <= 1)).all() and not torch.equal(out * (1 - mask), x * (1 - mask))
