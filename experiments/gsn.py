@@ -53,6 +53,7 @@ from inference.fd_classifier import (
     CLASSIFIERS,
     FDClassifier,
     classifier_features,
+    fd_against_features,
     load_fd_classifier,
     mode_coverage,
     save_mode_coverage_figure,
@@ -60,7 +61,6 @@ from inference.fd_classifier import (
 from inference.ork_elbo import OverRegularisedKL_ELBO
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from inference.sample_quality import (
-    frechet_distance,
     parzen_log_likelihood,
     reconstruction_mse,
     select_parzen_sigma,
@@ -207,13 +207,6 @@ def train_variants(config: dict[str, Any], data: Dataset, ctx: RunContext) -> di
 # ----------------------------------------------------------------------------------------- evaluation
 
 
-def fd_against(classifier: FDClassifier, images: torch.Tensor,
-               reference_features: dict[str, torch.Tensor]) -> dict[str, float]:
-    """FD-classifier of ``images`` against each reference split, whose features are computed once per run."""
-    f = classifier_features(classifier, images)
-    return {name: frechet_distance(f, ref) for name, ref in reference_features.items()}
-
-
 @torch.no_grad()
 def evaluate_variant(chain: GSNChain, data: Dataset, config: dict[str, Any], classifier: FDClassifier,
                      reference_features: dict[str, torch.Tensor], test: torch.Tensor,
@@ -232,7 +225,7 @@ def evaluate_variant(chain: GSNChain, data: Dataset, config: dict[str, Any], cla
     starts = data.train[torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(0))
                         [: ev["chain_starts"]].to(data.train.device)]
     frames = chain.run_chain(starts, max(steps), at=steps)
-    drift = [{"step": s_, **fd_against(classifier, frames[i], reference_features),
+    drift = [{"step": s_, **fd_against_features(classifier, frames[i], reference_features),
               "mode_entropy": mode_coverage(classifier, frames[i])["entropy"]} for i, s_ in enumerate(steps)]
     rec, kl = chain.reconstruction_and_kl(test[: ev["scatter_points"]])
     return {
@@ -240,7 +233,7 @@ def evaluate_variant(chain: GSNChain, data: Dataset, config: dict[str, Any], cla
         "iwae": {**nll_summary(s.iwae), "num_images": s.num_iw, **s.estimate.summary()},
         "parzen": {"mean": float(parzen.mean()), "stderr": float(parzen.std() / math.sqrt(parzen.numel())),
                    "sigma": sigma, "valid_scores": tried, "num_centres": int(centres.shape[0])},
-        "fd_classifier": fd_against(classifier, samples, reference_features),
+        "fd_classifier": fd_against_features(classifier, samples, reference_features),
         "mode_coverage": mode_coverage(classifier, samples),
         "reconstruction_mse": reconstruction_mse(chain.mean(loc).clamp(0, 1), test),
         "chain_drift": drift,

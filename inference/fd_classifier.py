@@ -68,6 +68,7 @@ __all__ = [
     "FDClassifier",
     "classifier_features",
     "classifier_predictions",
+    "fd_against_features",
     "fd_scores",
     "file_sha256",
     "load_fd_classifier",
@@ -265,9 +266,19 @@ def fd_scores(classifier: FDClassifier, samples: torch.Tensor, references: Mappi
     ``{"train": ..., "test": ...}`` for ``references={"train": data.train, "test": data.test}``."""
     if not references:
         raise ValueError("references must name at least one reference image set")
+    features = {name: classifier_features(classifier, ref, batch_size) for name, ref in references.items()}
+    return fd_against_features(classifier, samples, features, batch_size)
+
+
+def fd_against_features(classifier: FDClassifier, samples: torch.Tensor,
+                        reference_features: Mapping[str, torch.Tensor],
+                        batch_size: int = 1000) -> dict[str, float]:
+    """:func:`fd_scores` with the references given as their features (:func:`classifier_features`), so that an
+    experiment scoring many sample sets against the same splits computes those features once."""
+    if not reference_features:
+        raise ValueError("reference_features must name at least one reference set")
     f = classifier_features(classifier, samples, batch_size)
-    return {name: frechet_distance(f, classifier_features(classifier, ref, batch_size))
-            for name, ref in references.items()}
+    return {name: frechet_distance(f, ref) for name, ref in reference_features.items()}
 
 
 def mode_coverage(classifier: FDClassifier, samples: torch.Tensor, batch_size: int = 1000) -> dict[str, Any]:

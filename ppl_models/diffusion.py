@@ -122,10 +122,11 @@ class BernoulliDiffusion(ModelGuidePair):
         """p̂(x_0 = 1 | x_t, t) = σ(f_θ(x_t, t))."""
         return torch.sigmoid(self.denoiser(torch.cat([xt, self.embed(t, xt.shape[:-1])], -1)))
 
-    def _step_probs(self, xt: torch.Tensor, t: int) -> torch.Tensor:
-        """P(x_{t-1} = 1 | x_t) under the model (t ≥ 2), or p̂(x_0 = 1 | x_1) at t = 1."""
+    def _step_probs(self, xt: torch.Tensor, t: int, s: int | None = None) -> torch.Tensor:
+        """P(x_s = 1 | x_t) under the model (s < t, default t − 1; a strided jump when s < t − 1), or
+        p̂(x_0 = 1 | x_1) at t = 1."""
         p0 = self.predict_x0(xt, t)
-        return p0 if t == 1 else self.posterior(xt, p0, t)
+        return p0 if t == 1 else self.posterior(xt, p0, t, s)
 
     @staticmethod
     def _bern(probs: torch.Tensor) -> dist.TorchDistribution:
@@ -188,7 +189,7 @@ class BernoulliDiffusion(ModelGuidePair):
         re-drawn from q(x_s | x_0) at every visited step. Returns p̂(x_0 = 1 | x_1)."""
         ts = self.strides(steps)
         for t, s in zip(ts[:-1], ts[1:], strict=True):
-            xt = torch.bernoulli(self.posterior(xt, self.predict_x0(xt, t), t, s))
+            xt = torch.bernoulli(self._step_probs(xt, t, s))
             if clamp is not None:
                 x, mask = clamp
                 xt = mask * torch.bernoulli(self.q_t_given_0(x, s)) + (1 - mask) * xt

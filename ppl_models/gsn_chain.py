@@ -140,13 +140,13 @@ class GSNChain(VAE):
             if num_samples is None:
                 raise ValueError("model needs data x or num_samples to sample unconditionally")
             with pyro.plate("data", num_samples):
-                z = pyro.sample("z_0", self._prior())
+                z = pyro.sample("z_0", self.prior())
                 return pyro.sample("x", self.emission(z))
         steps = self._steps(num_steps)
         cur = x
         with pyro.plate("data", x.shape[0]):
             for t in pyro.markov(range(steps)):
-                z = pyro.sample(f"z_{t}", self._prior())
+                z = pyro.sample(f"z_{t}", self.prior())
                 em = self.emission(z)
                 pyro.sample("x" if t == 0 else f"x_{t}", em, obs=x if (t == 0 or self.walkback) else cur)
                 if t + 1 < steps:
@@ -164,10 +164,6 @@ class GSNChain(VAE):
                 z = pyro.sample(f"z_{t}", dist.Normal(loc, scale).to_event(1))
                 if t + 1 < steps:
                     cur = self._next(z, self.emission(z), t + 1)
-
-    def _prior(self) -> dist.TorchDistribution:
-        ref = next(self.parameters())
-        return dist.Normal(ref.new_zeros(self.z_dim), ref.new_ones(self.z_dim)).to_event(1)
 
     def unroll(self, x: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
         """The chain points x_1 … x_T emitted by T steps from ``x`` (T, B, D), differentiable (reparameterised
@@ -214,7 +210,7 @@ class GSNChain(VAE):
         (the two terms of Eq. 2; the axes of Fig. 4(c))."""
         loc, scale = self.encode(x)
         q = dist.Normal(loc, scale).to_event(1)
-        kl = torch.distributions.kl_divergence(q, self._prior())
+        kl = torch.distributions.kl_divergence(q, self.prior())
         rec = torch.stack([-self.emission(q.rsample()).log_prob(x) for _ in range(passes)]).mean(0)
         return rec, kl
 

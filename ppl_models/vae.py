@@ -61,6 +61,11 @@ class VAE(ModelGuidePair):
         loc, pre_scale = self.encoder(x).chunk(2, dim=-1)
         return loc, F.softplus(pre_scale) + 1e-4
 
+    def prior(self) -> dist.TorchDistribution:
+        """p(z_0) = N(0, I), on the module's device and dtype."""
+        ref = next(self.parameters())
+        return dist.Normal(ref.new_zeros(self.z_dim), ref.new_ones(self.z_dim)).to_event(1)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Bernoulli logits of p(x | z_0)."""
         return self.decoder(z)
@@ -71,10 +76,8 @@ class VAE(ModelGuidePair):
         if x is None and num_samples is None:
             raise ValueError("model needs data x or num_samples to sample unconditionally")
         n = x.shape[0] if x is not None else num_samples
-        ref = next(self.parameters())
         with pyro.plate("data", n):
-            prior = dist.Normal(ref.new_zeros(self.z_dim), ref.new_ones(self.z_dim)).to_event(1)
-            z = pyro.sample("z_0", prior)
+            z = pyro.sample("z_0", self.prior())
             logits = self.decode(z)
             pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(1), obs=x)
         return logits
