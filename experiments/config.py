@@ -362,9 +362,85 @@ class GSNPreset(Preset):
     SHORTHANDS: ClassVar[dict[str, str]] = {"seed": "seed", "eval_limit": "eval_limit"}
 
 
+@dataclass
+class BernoulliDiffusionSizes:
+    """ppl_models.diffusion.BernoulliDiffusion: T = ``num_steps``, the denoiser MLP's ``hidden`` sizes and
+    step embedding ``embed_dim``; samples drawn with ``sample_steps`` strided steps (null: all T)."""
+
+    num_steps: int = at_least(1)
+    hidden: list[int] = _req(1)
+    embed_dim: int = at_least(2)
+    sample_steps: int | None = at_least(2)
+
+
+@dataclass
+class GaussianDiffusionSizes:
+    """ppl_models.gaussian_diffusion.GaussianDiffusion: T = ``num_steps`` (Ho's linear β schedule), the U-Net
+    (``channels`` × ``mult`` per level, ``groups`` group-norm groups, step embedding ``embed_dim``), the
+    model's step variance (β or β̃); samples drawn with ``sample_steps`` strided DDIM steps of η = ``eta``
+    (null: all T ancestral steps)."""
+
+    num_steps: int = at_least(1)
+    channels: int = at_least(1)
+    mult: list[int] = _req(1)
+    groups: int = at_least(1)
+    embed_dim: int = at_least(2)
+    variance: str = one_of("beta", "beta_tilde")
+    eta: float = _req(0)
+    sample_steps: int | None = at_least(2)
+
+
+@dataclass
+class DiffusionTrain(Train):
+    """:class:`Train`, with the loss: ``bound`` (the subsampled path-wise bound, one step per image) or
+    ``simple`` (Ho's L_simple; Gaussian form only). A fixed number of updates; the last weights are
+    evaluated."""
+
+    loss: str = one_of("bound", "simple")
+
+
+@dataclass
+class DiffusionEval:
+    """The test bound with every time step visited (one x_t draw each) on the first ``bernoulli_images`` /
+    ``gaussian_images`` test images (0 = all), batches of ``batch_size``; ``fd_samples`` samples scored by
+    FD-classifier against the first ``fd_reference`` training and test images and by a Parzen window
+    (σ from ``parzen_grid`` on the first ``parzen_valid`` validation images); figures of ``grid_samples``
+    samples, ``trajectory_chains`` denoising trajectories of ``trajectory_frames`` frames, and inpainting of
+    ``inpaint_images`` test images under the mask ``inpaint_mask``."""
+
+    batch_size: int = at_least(1)
+    bernoulli_images: int = at_least(0)
+    gaussian_images: int = at_least(0)
+    fd_samples: int = at_least(2)
+    fd_reference: int = at_least(2)
+    parzen_valid: int = at_least(2)
+    parzen_grid: list[float] = positive()
+    grid_samples: int = at_least(1)
+    trajectory_chains: int = at_least(1)
+    trajectory_frames: int = at_least(1)
+    inpaint_images: int = at_least(1)
+    inpaint_mask: str = required()
+
+
+@dataclass
+class DiffusionPreset(Preset):
+    """experiments.diffusion: Bernoulli (bit-flip) and Gaussian (DDPM) diffusion as model/guide pairs."""
+
+    #: which forms to train and score: bernoulli (binarised images), gaussian (grey levels)
+    forms: list[str] = required()
+    bernoulli: BernoulliDiffusionSizes = field(default_factory=BernoulliDiffusionSizes)
+    gaussian: GaussianDiffusionSizes = field(default_factory=GaussianDiffusionSizes)
+    train_bernoulli: DiffusionTrain = field(default_factory=DiffusionTrain)
+    train_gaussian: DiffusionTrain = field(default_factory=DiffusionTrain)
+    eval: DiffusionEval = field(default_factory=DiffusionEval)
+
+    #: Two training sections: --epochs/--lr/--batch-size would be ambiguous, so they are --set keys here.
+    SHORTHANDS: ClassVar[dict[str, str]] = {"seed": "seed", "eval_limit": "eval_limit"}
+
+
 #: Experiment name -> its preset schema.
 SCHEMAS: dict[str, type[Preset]] = {"vae": VAEPreset, "draw": DrawPreset, "imputation": ImputationPreset,
-                                    "gsn": GSNPreset}
+                                    "gsn": GSNPreset, "diffusion": DiffusionPreset}
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -62,6 +62,7 @@ from inference.ork_elbo import OverRegularisedKL_ELBO
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from inference.sample_quality import (
     parzen_log_likelihood,
+    parzen_score,
     reconstruction_mse,
     select_parzen_sigma,
 )
@@ -217,8 +218,6 @@ def evaluate_variant(chain: GSNChain, data: Dataset, config: dict[str, Any], cla
                              iw_limit=ev["iw_limit"], batch_size=ev["batch_size"], iw_batch=ev["iw_batch"],
                              iw_chunk=ev["iw_chunk"], progress=progress)
     centres = chain.sample(ev["parzen_samples"])
-    sigma, tried = select_parzen_sigma(centres, data.valid[: ev["parzen_valid"]], ev["parzen_grid"])
-    parzen = parzen_log_likelihood(centres, test, sigma)
     samples = centres[: ev["fd_samples"]]  # prepare() checks fd_samples <= parzen_samples
     loc, _ = chain.encode(test)
     steps = sorted(set(ev["chain_steps"]))
@@ -231,8 +230,7 @@ def evaluate_variant(chain: GSNChain, data: Dataset, config: dict[str, Any], cla
     return {
         "bound": nll_summary(s.bound),
         "iwae": {**nll_summary(s.iwae), "num_images": s.num_iw, **s.estimate.summary()},
-        "parzen": {"mean": float(parzen.mean()), "stderr": float(parzen.std() / math.sqrt(parzen.numel())),
-                   "sigma": sigma, "valid_scores": tried, "num_centres": int(centres.shape[0])},
+        "parzen": parzen_score(centres, data.valid[: ev["parzen_valid"]], test, ev["parzen_grid"]),
         "fd_classifier": fd_against_features(classifier, samples, reference_features),
         "mode_coverage": mode_coverage(classifier, samples),
         "reconstruction_mse": reconstruction_mse(chain.mean(loc).clamp(0, 1), test),

@@ -75,6 +75,8 @@ def _model_of(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if result.get("experiment") == "gsn":  # one variant of the variational-GSN experiment per directory
         return "gsn-chain", {**config["model"], "num_steps": result["num_steps"],
                              "walkback": result["walkback"]}
+    if result.get("experiment") == "diffusion":  # one form of the diffusion experiment per directory
+        return f"diffusion-{result['form']}", result["model_sizes"]
     if result.get("experiment") == "vae":
         sizes = config.get("model", config)  # the sizes sat at the top level before the one preset schema
         return "vae", {"z_dim": sizes["z_dim"], "hidden": sizes["hidden"]}

@@ -33,6 +33,7 @@ from inference.diagnostics import (
     psis_khat,
 )
 from inference.diffusion_elbo import SubsampledDiffusionELBO
+from inference.diffusion_simple import SimpleDiffusionLoss
 from inference.fd_classifier import FDClassifier, fd_scores, load_fd_classifier, mode_coverage
 from inference.finetune import finetune_guide, frozen_except
 from inference.importance import ImportanceEstimate, importance_log_likelihood
@@ -83,6 +84,7 @@ __all__ = [
     "GuideFunction",
     "OverRegularisedKL_ELBO",
     "SubsampledDiffusionELBO",
+    "SimpleDiffusionLoss",
     "generator_hinge",
     "guide_function_loss",
     "ExtraTerm",

@@ -22,9 +22,14 @@ whose expectation over t and the draws is exactly the full-path bound (so it is 
 noisier per draw), at the cost of two network evaluations instead of T. (Ho et al. fold L_0 into the draw of
 t ~ U{1..T}; keeping it apart, as here, gives the same expectation.)
 
-Symbols to code: the model/guide pair must provide ``num_steps`` (T), ``q_t_given_0(x_0, t)``,
-``step_kl(x_t, x_0, t)`` (the analytic KL of step t per data point), ``prior_kl(x_0)`` (L_T) and
-``decoder_nll(x_1, x_0)`` (−log p(x_0 | x_1)); :class:`ppl_models.diffusion.BernoulliDiffusion` does.
+With ``time_steps="all"`` the estimator visits every t = 2..T instead (one draw of x_t ~ q(x_t | x_0) each,
+independent across t): the exact full-path bound in expectation with the expectation over t taken exactly —
+the evaluation estimator (T network calls per image).
+
+Symbols to code: the model/guide pair (:class:`ppl_models.diffusion.DiffusionPair`: Bernoulli or Gaussian)
+must provide ``num_steps`` (T), ``q_sample(x_0, t)`` (a draw of x_t), ``step_kl(x_t, x_0, t)`` (the
+analytic KL of step t per data point, t an int or one step per row), ``prior_kl(x_0)`` (L_T) and
+``decoder_nll(x_1, x_0)`` (−log p(x_0 | x_1)).
 """
 
 from __future__ import annotations
@@ -44,19 +49,24 @@ class SubsampledDiffusionELBO(ELBO):
     over the batch, as every loss of this library.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, time_steps: str = "sample") -> None:
         super().__init__(num_particles=1)
+        if time_steps not in ("sample", "all"):
+            raise ValueError(f"time_steps must be 'sample' (t ~ U{{2..T}}, training) or 'all' (every t, "
+                             f"evaluation), got {time_steps!r}")
+        self.time_steps = time_steps
 
     def _get_trace(self, model: Any, guide: Any, args: Any, kwargs: Any):
         raise NotImplementedError("SubsampledDiffusionELBO computes its terms in closed form, without traces")
 
-    @staticmethod
-    def _pair(model: Any) -> Any:
+    #: what the pair must provide
+    needed: tuple[str, ...] = ("num_steps", "q_sample", "step_kl", "prior_kl", "decoder_nll")
+
+    def _pair(self, model: Any) -> Any:
         pair = getattr(model, "__self__", None)
-        needed = ("num_steps", "q_t_given_0", "step_kl", "prior_kl", "decoder_nll")
-        if pair is None or not all(hasattr(pair, n) for n in needed):
-            raise TypeError(f"SubsampledDiffusionELBO needs the bound model method of a diffusion pair "
-                            f"providing {list(needed)} (e.g. BernoulliDiffusion(...).model)")
+        if pair is None or not all(hasattr(pair, n) for n in self.needed):
+            raise TypeError(f"{type(self).__name__} needs the bound model method of a diffusion pair "
+                            f"providing {list(self.needed)} (e.g. BernoulliDiffusion(...).model)")
         return pair
 
     def per_datum(self, model: Any, guide: Any, x: torch.Tensor) -> torch.Tensor:
@@ -64,16 +74,15 @@ class SubsampledDiffusionELBO(ELBO):
         pair = self._pair(model)
         pyro.module(pair.param_prefix, pair)
         T = pair.num_steps
-        total = pair.prior_kl(x) + pair.decoder_nll(torch.bernoulli(pair.q_t_given_0(x, 1)), x)
-        if T >= 2:
-            t = torch.randint(2, T + 1, (x.shape[0],), device=x.device)
-            kl = x.new_zeros(x.shape[0])
-            for step in t.unique().tolist():  # one network call per distinct step in the batch
-                rows = t == step
-                xt = torch.bernoulli(pair.q_t_given_0(x[rows], step))
-                kl[rows] = pair.step_kl(xt, x[rows], step)
-            total = total + (T - 1) * kl
-        return total
+        total = pair.prior_kl(x) + pair.decoder_nll(pair.q_sample(x, 1), x)
+        if T < 2:
+            return total
+        if self.time_steps == "all":
+            for t in range(2, T + 1):
+                total = total + pair.step_kl(pair.q_sample(x, t), x, t)
+            return total
+        t = torch.randint(2, T + 1, (x.shape[0],), device=x.device)  # one step per data point
+        return total + (T - 1) * pair.step_kl(pair.q_sample(x, t), x, t)
 
     def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.per_datum(model, guide, *args).sum()

@@ -134,6 +134,17 @@ def select_parzen_sigma(centres: torch.Tensor, valid: torch.Tensor, grid: Sequen
     return max(scores, key=scores.get), scores
 
 
+def parzen_score(centres: torch.Tensor, valid: torch.Tensor, test: torch.Tensor,
+                 grid: Sequence[float] | None = None) -> dict[str, object]:
+    """The Parzen protocol in one call: σ chosen on ``valid`` (:func:`select_parzen_sigma`), then the mean
+    log-likelihood of ``test`` with its standard error; returns ``mean``, ``stderr``, ``sigma``,
+    ``valid_scores`` (every σ tried), ``num_centres`` and ``num_test_points``."""
+    sigma, tried = select_parzen_sigma(centres, valid, grid)
+    ll = parzen_log_likelihood(centres, test, sigma)
+    return {"mean": float(ll.mean()), "stderr": float(ll.std() / math.sqrt(ll.numel())), "sigma": sigma,
+            "valid_scores": tried, "num_centres": int(centres.shape[0]), "num_test_points": int(ll.numel())}
+
+
 def reconstruction_mse(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
     """Mean squared error over all pixels of grey-level images in [0, 1] (same shapes)."""
     if reconstruction.shape != target.shape:

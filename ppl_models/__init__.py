@@ -15,8 +15,9 @@ for the VAE; Mattei & Frellsen (2019) for MIWAE; the linear-Gaussian chain is th
 """
 
 from ppl_models.base import ModelGuidePair, ModelSpec, build_model, model_names, model_spec, register_model
-from ppl_models.diffusion import BernoulliDiffusion
+from ppl_models.diffusion import BernoulliDiffusion, DiffusionPair
 from ppl_models.draw import DRAWGenerator
+from ppl_models.gaussian_diffusion import GaussianDiffusion
 from ppl_models.gpsi import GPSI
 from ppl_models.gsn_chain import GSNChain
 from ppl_models.imputation_policy import ImputationPolicy
@@ -35,6 +36,8 @@ __all__ = [
     "model_spec",
     "register_model",
     "BernoulliDiffusion",
+    "DiffusionPair",
+    "GaussianDiffusion",
     "DRAWGenerator",
     "GPSI",
     "GSNChain",

@@ -294,8 +294,11 @@ def test_the_experiment_runs_end_to_end_and_reports_what_it_measured(tmp_path, c
         chosen_on.append(points.clone())
         return select(centres, points, grid, **kw)
 
+    import inference.sample_quality as sample_quality
+
     select = gsn.select_parzen_sigma
-    monkeypatch.setattr(gsn, "select_parzen_sigma", recording)
+    monkeypatch.setattr(gsn, "select_parzen_sigma", recording)  # the curves
+    monkeypatch.setattr(sample_quality, "select_parzen_sigma", recording)  # the evaluation (parzen_score)
     assert _run(tmp_path, "--set", "variants=[ork-guided,ork-walkback]") == 0
     # σ is only ever chosen on validation images (the evaluation's and the curves' halves), never on test.
     valid, test = load_dataset("digits").valid, load_dataset("digits").test

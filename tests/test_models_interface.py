@@ -14,12 +14,13 @@ from ppl_models.masks import make_mask_process
 
 D = 64  # 8x8 images
 #: models whose guide is a fixed process without parameters
-FIXED_GUIDES = {"diffusion-bernoulli"}
+FIXED_GUIDES = {"diffusion-bernoulli", "diffusion-gaussian"}
 
 SIZES = {
     "vae": {"z_dim": 3, "hidden": (16,)},
     "gsn-chain": {"z_dim": 3, "hidden": (16,), "num_steps": 3},
     "diffusion-bernoulli": {"num_steps": 3, "hidden": (16,)},
+    "diffusion-gaussian": {"num_steps": 3, "channels": 8, "groups": 4, "embed_dim": 8},
     "miwae": {"z_dim": 3, "hidden": (16,)},
     "gpsi-add": {"z_dim": 4, "hidden": (16,), "num_steps": 3},
     "gpsi-jump": {"z_dim": 4, "hidden": (16,), "num_steps": 3},
