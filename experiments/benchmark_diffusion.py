@@ -65,7 +65,9 @@ from torch.special import log_ndtr
 from experiments.benchmark_gpsi import (
     PROTOCOL,
     _load_average,
+    add_timing_args,
     environment,
+    environment_sentence,
     paired_ratio,
     summarise,
     time_interleaved,
@@ -367,8 +369,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                            f"{a['q3']:.2f})", f"{rt['differentiable_over_handwritten']:.2f}",
                            f"{b['median']:.2f} ({b['q1']:.2f}–{b['q3']:.2f})",
                            f"{c['pyro']:.4f} / {c['handwritten']:.4f}"])
-    m, b, e = r["model"], r["batch"], r["environment"]
-    gpu = f", {e['gpu']}" if "gpu" in e else ""
+    m, b = r["model"], r["batch"]
     losses = "; ".join(f"{k}: {v['description']}" for k, v in r["losses"].items())
     return "\n".join([
         f"# Gaussian diffusion training step: Pyro vs hand-written PyTorch (preset {r['preset']})",
@@ -393,11 +394,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "Paired ratios are the median (and quartiles) of the per-round ratios, both terms timed in the same "
         "round.",
         "",
-        f"Environment: {e['device']}{gpu} ({e['cpu']}, {e['cpu_count']} CPUs), torch {e['torch']}, pyro "
-        f"{e['pyro']}, python {e['python']}, torch threads {e['torch_threads']} (OMP_NUM_THREADS="
-        f"{e['OMP_NUM_THREADS']}), Pyro validation {'on' if e['pyro_validation'] else 'off'}; load average "
-        f"before {r['load_average']['before']}, after {r['load_average']['after']}; "
-        f"{r['wall_seconds']:.1f} s in all.",
+        environment_sentence(r),
         "",
     ])
 
@@ -422,10 +419,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "'both' (default), interleaved in one loop")
     parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=None,
                         help="images in the batch, >= 1 (default: the preset's train_gaussian.batch_size)")
-    parser.add_argument("--repeats", type=positive_int, default=30,
-                        help="timed rounds, each running every variant once, >= 1 (default 30)")
-    parser.add_argument("--warmup", type=non_negative_int, default=5,
-                        help="untimed rounds before the timed ones, >= 0 (default 5)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default), cuda, cuda:N or auto (CUDA when present); absolute times only "
                         "count from a GPU")
@@ -436,12 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'real': the first Fashion-MNIST training images; 'random': uniform grey levels "
                         "k/255 on 28x28 (no data files needed); 'auto' (default): real when the files load, "
                         "else random (the output says which)")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory with the Fashion-MNIST IDX .gz files (default: "
-                        "$SEQGEN_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--no-validation", action="store_true",
-                        help="switch off Pyro's and torch.distributions' argument validation (on by default, "
-                        "as in training); the hand-written losses build no distributions")
+    add_timing_args(parser)
     parser.add_argument("--out", default=None,
                         help=f"output directory for benchmark.json and benchmark.md (default "
                         f"{DEFAULT_OUT}-<preset>)")

@@ -376,10 +376,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         base = r["variants"][BASELINE[s["kind"]]]["median_ms"]
         rows.append([s["description"], f"{s['median_ms']:.2f}", f"{s['iqr_ms']:.2f}",
                      f"{s['q1_ms']:.2f}–{s['q3_ms']:.2f}", f"{s['median_ms'] / base:.2f}"])
-    m, b, e, a = r["model"], r["batch"], r["environment"], r["attribution_ms"]
+    m, b, a = r["model"], r["batch"], r["attribution_ms"]
     p = r["paired_ratios"]
     d = p["differentiable_over_handwritten"]
-    gpu = f", {e['gpu']}" if "gpu" in e else ""
     return "\n".join([
         f"# GPSI training step: Pyro vs hand-written PyTorch ({m['method']}, preset {r['preset']})",
         "",
@@ -411,16 +410,38 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Loss check on one shared path: Pyro {r['loss_check']['pyro']:.4f}, hand-written "
         f"{r['loss_check']['handwritten']:.4f}.",
         "",
-        f"Environment: {e['device']}{gpu} ({e['cpu']}, {e['cpu_count']} CPUs), torch {e['torch']}, pyro "
-        f"{e['pyro']}, python {e['python']}, torch threads {e['torch_threads']} (OMP_NUM_THREADS="
-        f"{e['OMP_NUM_THREADS']}), Pyro validation {'on' if e['pyro_validation'] else 'off'}; load average "
-        f"before {r['load_average']['before']}, after {r['load_average']['after']}; "
-        f"{r['wall_seconds']:.1f} s in all.",
+        environment_sentence(r),
         "",
     ])
 
 
+def environment_sentence(r: dict[str, Any]) -> str:
+    """The report's line on where the times were taken (``r``: a benchmark result with ``environment``,
+    ``load_average`` and ``wall_seconds``)."""
+    e = r["environment"]
+    gpu = f", {e['gpu']}" if "gpu" in e else ""
+    return (f"Environment: {e['device']}{gpu} ({e['cpu']}, {e['cpu_count']} CPUs), torch {e['torch']}, pyro "
+            f"{e['pyro']}, python {e['python']}, torch threads {e['torch_threads']} (OMP_NUM_THREADS="
+            f"{e['OMP_NUM_THREADS']}), Pyro validation {'on' if e['pyro_validation'] else 'off'}; load "
+            f"average before {r['load_average']['before']}, after {r['load_average']['after']}; "
+            f"{r['wall_seconds']:.1f} s in all.")
+
+
 # --------------------------------------------------------------------------------------------------- CLI
+
+
+def add_timing_args(parser: argparse.ArgumentParser) -> None:
+    """The options every step benchmark has: --repeats, --warmup, --data-dir, --no-validation."""
+    parser.add_argument("--repeats", type=positive_int, default=30,
+                        help="timed rounds, each running every variant once, >= 1 (default 30)")
+    parser.add_argument("--warmup", type=non_negative_int, default=5,
+                        help="untimed rounds before the timed ones, >= 0 (default 5)")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory with the Fashion-MNIST IDX .gz files (default: "
+                        "$SEQGEN_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--no-validation", action="store_true",
+                        help="switch off Pyro's and torch.distributions' argument validation (on by default, "
+                        "as in training)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,10 +456,6 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; ".join(f"{k}: {v.get('about', '')}" for k, v in presets.items()))
     parser.add_argument("--device", default="cpu",
                         help="cpu (default), cuda, cuda:N or auto (CUDA when present)")
-    parser.add_argument("--repeats", type=positive_int, default=30,
-                        help="timed rounds, each running every variant once, >= 1 (default 30)")
-    parser.add_argument("--warmup", type=non_negative_int, default=5,
-                        help="untimed rounds before the timed ones, >= 0 (default 5)")
     parser.add_argument("--method", default="gpsi-add", choices=("gpsi-add", "gpsi-jump"),
                         help="GPSI with the additive (default) or the jump canvas update")
     parser.add_argument("--mask", default=None,
@@ -449,16 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default="dataset", choices=("dataset", "random"),
                         help="'dataset': the first training images of the preset's data set; 'random': "
                         "random binary 28x28 images (no data files needed); default 'dataset'")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory with the Fashion-MNIST IDX .gz files (default: "
-                        "$SEQGEN_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--seed", type=non_negative_int, default=None,
                         help="seed of the data, the mask and the weights, >= 0 (default: the preset's)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch intra-op threads, >= 1 (default: torch's, which follows OMP_NUM_THREADS)")
-    parser.add_argument("--no-validation", action="store_true",
-                        help="switch off Pyro's and torch.distributions' argument validation (on by default, "
-                        "as in training)")
+    add_timing_args(parser)
     parser.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}/<preset>)")
     return parser
 

@@ -196,8 +196,20 @@ def figures(pair: DiffusionPair, form: str, samples: torch.Tensor, config: dict[
     filled = pair.inpaint(x, mask, steps)
     grid = torch.stack([x, mask * x + (1 - mask) * 0.5, filled], 1).reshape(-1, x.shape[1])
     save_image_grid(grid, shape, out / f"inpaint_{form}.png", ncol=6,
-                    title=f"{form}: inpainting under {ev['inpaint_mask']}, two images per row, each as "
-                          "original | known pixels (grey: missing) | imputed")
+                    title=f"{form}: inpainting under {ev['inpaint_mask']}; per image: original | known "
+                          "pixels (grey: missing) | imputed")
+
+
+def save_form_curves(form: str, config: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> None:
+    """Training loss and validation bound per epoch (L_simple, not a bound, on an axis of its own)."""
+    simple = config[f"train_{form}"]["loss"] == "simple"
+    train_key = "train L_simple (right)" if simple else "train −ELBO (one step)"
+    valid_key = "valid −ELBO (one step)"
+    rows = [{"epoch": r["epoch"], train_key: r["train_loss"], valid_key: -r["valid_bound"]} for r in metrics]
+    save_curves(rows, [valid_key] + ([] if simple else [train_key]), path, ylabel="nats per image (bound)",
+                title=f"{form} diffusion on {config['dataset']}: training loss and validation bound, each "
+                      "estimated with one time step per image",
+                secondary=[train_key] if simple else (), secondary_label="L_simple per image")
 
 
 def protocol(config: dict[str, Any], data: Dataset) -> dict[str, Any]:
@@ -261,12 +273,8 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         write_json(ctx.out / form / "result.json",
                    {"experiment": EXPERIMENT, "form": form, "config": config, "model_sizes": sizes,
                     "weights_file": FINAL_WEIGHTS, "results": result})
-        m = fit["metrics"]
-        if m:
-            save_curves([{"epoch": r["epoch"], "train loss": r["train_loss"], "valid −ELBO (one step)":
-                          -r["valid_bound"]} for r in m], ["train loss", "valid −ELBO (one step)"],
-                        ctx.out / f"curves_{form}.png", ylabel="per image",
-                        title=f"{form} diffusion on {data.name}: training loss and validation bound")
+        if fit["metrics"]:
+            save_form_curves(form, config, fit["metrics"], ctx.out / f"curves_{form}.png")
     save_mode_coverage_figure({f: r["mode_coverage"]["histogram"] for f, r in forms.items()},
                               ctx.out / "mode_coverage.png",
                               class_names=CLASSIFIERS[config["dataset"]].class_names,

@@ -131,7 +131,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: str | os.PathLike,
                     ncol: int = 8, title: str | None = None) -> None:
-    """Save rows of flattened grey images in [0, 1] as a PNG grid."""
+    """Save rows of flattened grey images in [0, 1] as a PNG grid (the title wrapped to the grid's width)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +142,10 @@ def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: st
     images = images.detach().cpu().reshape(-1, *image_shape)
     n = images.shape[0]
     nrow = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(ncol * 0.9, nrow * 0.9 + (0.4 if title else 0)))
+    # about 13 characters of a 9-point title per 0.9-inch column
+    title = textwrap.fill(title, width=max(30, ncol * 13)) if title else None
+    head = 0.2 * (title.count("\n") + 2) if title else 0  # 0.4 inch for one line, as before
+    fig, axes = plt.subplots(nrow, ncol, figsize=(ncol * 0.9, nrow * 0.9 + head))
     for i, ax in enumerate(axes.flat if hasattr(axes, "flat") else [axes]):
         ax.axis("off")
         if i < n:
@@ -153,23 +158,36 @@ def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: st
 
 
 def save_curves(metrics: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | os.PathLike,
-                ylabel: str = "nats per image", title: str | None = None) -> None:
-    """Plot per-epoch metrics (e.g. train loss and validation bound) to a PNG."""
+                ylabel: str = "nats per image", title: str | None = None,
+                secondary: Sequence[str] = (), secondary_label: str = "") -> None:
+    """Plot per-epoch metrics (e.g. train loss and validation bound) to a PNG; ``secondary`` keys go on a
+    right-hand axis of their own (a quantity on another scale, e.g. a loss that is not a bound)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for key in keys:
-        pts = [(m["epoch"], m[key]) for m in metrics if key in m and m[key] is not None]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), label=key)
+    axes = [(ax, keys)]
+    if secondary:
+        right = ax.twinx()
+        right.set_ylabel(secondary_label)
+        axes.append((right, secondary))
+    n = 0
+    for axis, group in axes:
+        for key in group:
+            pts = [(m["epoch"], m[key]) for m in metrics if key in m and m[key] is not None]
+            if pts:
+                axis.plot(*zip(*pts, strict=True), label=key, color=f"C{n}")
+            n += 1
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend()
+        ax.set_title(textwrap.fill(title, 70), fontsize=9)
+    handles = [h for axis, _ in axes for h in axis.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
