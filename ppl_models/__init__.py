@@ -27,6 +27,7 @@ from ppl_models.masks import MAR, MCAR, AllMissing, MaskProcess, UserMask, make_
 from ppl_models.miwae import MIWAE, miwae_impute
 from ppl_models.template_matching import template_match
 from ppl_models.vae import VAE, vae_impute
+from ppl_models.walkback import VariationalWalkback
 
 __all__ = [
     "ModelGuidePair",
@@ -57,4 +58,5 @@ __all__ = [
     "template_match",
     "validate_mask",
     "vae_impute",
+    "VariationalWalkback",
 ]
