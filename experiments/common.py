@@ -372,6 +372,17 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
     return {"epochs": len(metrics), "evaluated_epoch": best["epoch"], "valid_nll": -best["value"],
             "updates": trainer.step, "metrics": metrics}
 
+def write_form_run(out: Path, experiment: str, form: str, config: dict[str, Any], sizes: Mapping[str, Any],
+                   module: torch.nn.Module, result: dict[str, Any], weights: str = "final.pt") -> None:
+    """One form of a multi-form experiment (diffusion, walkback) in ``out``: its evaluated weights and a
+    result.json that :func:`experiments.runs.load_run` reads (the registered model's sizes, the weights
+    file)."""
+    from inference.checkpoint import save_checkpoint
+
+    save_checkpoint({"module": module.state_dict()}, out / weights)
+    write_json(out / "result.json", {"experiment": experiment, "form": form, "config": config,
+                                     "model_sizes": dict(sizes), "weights_file": weights, "results": result})
+
 # ------------------------------------------------------------------------------------------- models
 
 

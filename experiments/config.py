@@ -438,9 +438,97 @@ class DiffusionPreset(Preset):
     SHORTHANDS: ClassVar[dict[str, str]] = {"seed": "seed", "eval_limit": "eval_limit"}
 
 
+@dataclass
+class WalkbackSizes:
+    """ppl_models.walkback.VariationalWalkback: F's ``hidden`` sizes, α = ``alpha``, T_max = ``t_max``,
+    N1 = ``max_extra`` (walks of ceil(log2 T_max) … ceil(log2 T_max) + N1 steps); trained with ``update``
+    "walk" (one step on the whole walk's bound) or "online" (Alg. 1: one step per walk step); p*'s moments
+    moved towards the heated end states by ``star_momentum`` after each minibatch; ``norm`` "layer" or
+    "batch" normalisation per temperature level; ``skip`` the Bernoulli operator's starting gain on 2s − 1."""
+
+    hidden: list[int] = _req(1)
+    alpha: float = _req(0, exclusive=True)
+    t_max: float = _req(1)
+    max_extra: int = at_least(0)
+    update: str = one_of("walk", "online")
+    star_momentum: float = _req(0, exclusive=True)
+    norm: str = one_of("layer", "batch", default="layer")
+    skip: float = _req(0, default=0.0)
+    #: the walk lengths this form is scored at, with and without importance sampling (null: eval's)
+    walk_steps: list[int] | None = _req(1, default=None)
+    is_walk_steps: list[int] | None = _req(1, default=None)
+
+
+@dataclass
+class ToyData:
+    """The 2-D toy: ``modes`` equal Gaussians of standard deviation ``sd`` on a circle of ``radius``;
+    ``train`` / ``valid`` / ``test`` points drawn from the preset's seed."""
+
+    modes: int = at_least(1)
+    radius: float = _req(0)
+    sd: float = positive()
+    train: int = at_least(2)
+    valid: int = at_least(2)
+    test: int = at_least(2)
+
+
+@dataclass
+class WalkbackEval:
+    """Bounds (one heated path per point, batches of ``batch_size``) on the first ``bound_images`` training
+    and test points (0 = all) for every walk length in ``walk_steps`` (the rows of the thesis' Table 3.1a);
+    the importance-sampled log-likelihood (Eq. 3.10) with ``is_samples`` paths (chunks of ``is_chunk``) on the
+    first ``is_images`` points of each split, for the walk lengths ``is_walk_steps``; samples by cooling along
+    the longest walk: ``fd_samples`` of them scored by FD-classifier against the first ``fd_reference``
+    training and test images, then run ``long_run`` × K more steps at T = 1; reversibility (Sec. 3.14) over
+    ``reversibility_steps`` steps after ``reversibility_burn_in`` in ``reversibility_chains`` chains; figures
+    of ``grid_samples`` samples, ``walk_chains`` heating and cooling walks, inpainting of ``inpaint_images``
+    test images under ``inpaint_mask``; the toy's learned density drawn on a ``toy_grid`` × ``toy_grid`` grid
+    with ``toy_is_samples`` paths per point."""
+
+    walk_steps: list[int] = _req(1)
+    batch_size: int = at_least(1)
+    bound_images: int = at_least(0)
+    is_walk_steps: list[int] = _req(1)
+    is_images: int = at_least(1)
+    is_samples: int = at_least(1)
+    is_chunk: int = at_least(1)
+    fd_samples: int = at_least(2)
+    fd_reference: int = at_least(2)
+    long_run: int = at_least(10)
+    reversibility_chains: int = at_least(2)
+    reversibility_steps: int = at_least(1)
+    reversibility_burn_in: int = at_least(0)
+    grid_samples: int = at_least(1)
+    walk_chains: int = at_least(1)
+    inpaint_images: int = at_least(1)
+    inpaint_mask: str = required()
+    toy_grid: int = at_least(2)
+    toy_is_samples: int = at_least(1)
+
+
+@dataclass
+class WalkbackPreset(Preset):
+    """experiments.walkback: variational walkback on binarised images, grey levels and a 2-D toy."""
+
+    #: which forms to train: bernoulli (binarised images), gaussian (dequantised grey levels), toy (2-D)
+    forms: list[str] = required()
+    bernoulli: WalkbackSizes = field(default_factory=WalkbackSizes)
+    gaussian: WalkbackSizes = field(default_factory=WalkbackSizes)
+    toy: WalkbackSizes = field(default_factory=WalkbackSizes)
+    train_bernoulli: Train = field(default_factory=Train)
+    train_gaussian: Train = field(default_factory=Train)
+    train_toy: Train = field(default_factory=Train)
+    toy_data: ToyData = field(default_factory=ToyData)
+    eval: WalkbackEval = field(default_factory=WalkbackEval)
+
+    #: One training section per form: --epochs/--lr/--batch-size would be ambiguous, so they are --set keys.
+    SHORTHANDS: ClassVar[dict[str, str]] = {"seed": "seed", "eval_limit": "eval_limit"}
+
+
 #: Experiment name -> its preset schema.
 SCHEMAS: dict[str, type[Preset]] = {"vae": VAEPreset, "draw": DrawPreset, "imputation": ImputationPreset,
-                                    "gsn": GSNPreset, "diffusion": DiffusionPreset}
+                                    "gsn": GSNPreset, "diffusion": DiffusionPreset,
+                                    "walkback": WalkbackPreset}
 
 
 # --------------------------------------------------------------------------------------------- loading

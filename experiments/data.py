@@ -14,6 +14,9 @@ Two data sets are provided:
   with ``numpy.random.RandomState(0)``; its first 1297 entries are train, the next 250 valid
   and the last 250 test.
 
+Beside them, a 2-D toy with a known density (:func:`ring_mixture`, :func:`ring_mixture_log_density`): a
+mixture of Gaussians on a circle, drawn from a seed, for models whose learned density can be drawn.
+
 Conventions:
 
 - Images are flattened row-major into rows of a ``float32`` tensor of shape ``(N, H * W)``
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -443,3 +447,28 @@ def fixed_binarize(x: torch.Tensor, seed: int = FIXED_BINARIZATION_SEED) -> torc
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int(seed))
     return _bernoulli(x, generator)
+
+
+# ------------------------------------------------------------------------------------------ a 2-D toy
+
+
+def _ring_centres(modes: int, radius: float) -> torch.Tensor:
+    angle = torch.arange(modes, dtype=torch.float64) * (2 * math.pi / modes)
+    return radius * torch.stack([angle.cos(), angle.sin()], 1)
+
+
+def ring_mixture(modes: int, radius: float, sd: float, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` points (float32, (n, 2)) from ``modes`` equally weighted Gaussians of standard deviation ``sd``
+    centred on a circle of ``radius``: a 2-D toy whose density :func:`ring_mixture_log_density` knows."""
+    if modes < 1 or radius < 0 or sd <= 0 or n < 1:
+        raise ValueError(f"need modes >= 1, radius >= 0, sd > 0 and n >= 1, got {modes}, {radius}, {sd}, {n}")
+    which = torch.randint(0, modes, (n,), generator=generator)
+    noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    return (_ring_centres(modes, radius)[which] + sd * noise).float()
+
+
+def ring_mixture_log_density(x: torch.Tensor, modes: int, radius: float, sd: float) -> torch.Tensor:
+    """The exact log-density (nats) of :func:`ring_mixture`'s law at the rows of ``x`` (float64, (n,))."""
+    d2 = (x.double()[:, None, :] - _ring_centres(modes, radius).to(x.device)[None]).pow(2).sum(-1)
+    log_k = -0.5 * d2 / sd**2 - math.log(2 * math.pi * sd**2)
+    return torch.logsumexp(log_k, 1) - math.log(modes)

@@ -42,11 +42,10 @@ import pyro
 import torch
 from tqdm import tqdm
 
-from experiments.common import batched, build_registered, train_best
+from experiments.common import batched, build_registered, train_best, write_form_run
 from experiments.data import Dataset, binarization_protocol, dynamic_binarize, fixed_binarize, load_dataset
-from experiments.report import markdown_table, save_curves, save_image_grid, write_json, write_report
+from experiments.report import markdown_table, save_curves, save_image_grid, write_report
 from experiments.runner import Experiment, RunContext
-from inference.checkpoint import save_checkpoint
 from inference.diffusion_elbo import SubsampledDiffusionELBO
 from inference.diffusion_simple import SimpleDiffusionLoss
 from inference.fd_classifier import (
@@ -269,10 +268,7 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
                            "final_valid_subsampled_bound": fit["valid_nll"],
                            "seconds_this_process": train_seconds}
         forms[form] = result
-        save_checkpoint({"module": pair.state_dict()}, ctx.out / form / FINAL_WEIGHTS)
-        write_json(ctx.out / form / "result.json",
-                   {"experiment": EXPERIMENT, "form": form, "config": config, "model_sizes": sizes,
-                    "weights_file": FINAL_WEIGHTS, "results": result})
+        write_form_run(ctx.out / form, EXPERIMENT, form, config, sizes, pair, result, FINAL_WEIGHTS)
         if fit["metrics"]:
             save_form_curves(form, config, fit["metrics"], ctx.out / f"curves_{form}.png")
     save_mode_coverage_figure({f: r["mode_coverage"]["histogram"] for f, r in forms.items()},

@@ -77,6 +77,11 @@ def _model_of(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                              "walkback": result["walkback"]}
     if result.get("experiment") == "diffusion":  # one form of the diffusion experiment per directory
         return f"diffusion-{result['form']}", result["model_sizes"]
+    if result.get("experiment") == "walkback":  # one form of the walkback experiment per directory
+        if result["form"] == "toy":
+            raise ValueError("this directory holds the walkback experiment's 2-D toy, not images: build "
+                             "VariationalWalkback(2, **model_sizes) and load its final.pt yourself")
+        return "walkback", result["model_sizes"]
     if result.get("experiment") == "vae":
         sizes = config.get("model", config)  # the sizes sat at the top level before the one preset schema
         return "vae", {"z_dim": sizes["z_dim"], "hidden": sizes["hidden"]}

@@ -16,7 +16,8 @@ Bernoulli probabilities, Guo et al. 2017); sample quality (:func:`frechet_distan
 features, the "FD-classifier" of our tables, with the committed classifiers of :func:`load_fd_classifier`
 and :func:`fd_scores`, :func:`mode_coverage`; :func:`parzen_log_likelihood`; :func:`class_entropy`).
 Training: :class:`Trainer` (checkpoints, exact resume, the NaN stop), :class:`ExtraTerm` (extra losses with
-their own optimisers) and :func:`finetune_guide` (q only, p frozen).
+their own optimisers) and :func:`finetune_guide` (q only, p frozen); variational walkback's online update
+(:class:`OnlineWalkbackELBO`, Goyal 2017, Alg. 1) and its p* moment tracker (:class:`PStarMoments`).
 """
 
 from inference.calibration import Reliability, reliability
@@ -71,6 +72,7 @@ from inference.train import (
     load_checkpoint,
     save_checkpoint,
 )
+from inference.walkback import OnlineWalkbackELBO, PStarMoments
 
 __all__ = [
     "select_parzen_sigma",
@@ -85,6 +87,8 @@ __all__ = [
     "OverRegularisedKL_ELBO",
     "SubsampledDiffusionELBO",
     "SimpleDiffusionLoss",
+    "OnlineWalkbackELBO",
+    "PStarMoments",
     "generator_hinge",
     "guide_function_loss",
     "ExtraTerm",

@@ -16,7 +16,9 @@ Design
   lazily created per-parameter optimisers), except that the loss is checked to be finite *before* the
   optimiser touches the parameters, and the hooks' :meth:`ExtraTerm.generator_loss` terms are
   back-propagated into the same gradients first. Parameters created with ``pyro.param`` outside the module are
-  trained and checkpointed too.
+  trained and checkpointed too. A loss with an ``online_losses(model, guide, *batch)`` generator (variational
+  walkback's online update, :class:`inference.walkback.OnlineWalkbackELBO`) takes one optimiser step per
+  term it yields, each on the parameters the earlier terms left; hooks' generator terms are not added then.
 * *Differentiable-loss mode* -- a factory ``lambda params: torch.optim.Adam(params, lr=1e-3)``, called
   once with ``module.parameters()``. A step computes ``loss.differentiable_loss(model, guide, *batch)``
   plus the :meth:`ExtraTerm.generator_loss` of every hook, checks it is finite, back-propagates and
@@ -154,7 +156,8 @@ class ExtraTerm:
     (adversarial discriminators, guide functions, Q-networks...).
 
     Subclasses set :attr:`module` and :attr:`optimizer` (built from ``module.parameters()``) in their
-    constructor. The trainer moves :attr:`module` to the training device (in place, so an optimiser
+    constructor; a hook that trains no network (a moment tracker updated after each step) sets
+    ``optimizer = None``. The trainer moves :attr:`module` to the training device (in place, so an optimiser
     built before the move keeps valid references), checkpoints :meth:`state_dict` and, after each
     main step, zeroes :attr:`optimizer`'s gradients (they may hold gradients of
     :meth:`generator_loss`) and calls :meth:`step`. Randomness should come from the global torch RNG,
@@ -165,7 +168,7 @@ class ExtraTerm:
 
     name: str | None = None
     module: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
 
     def generator_loss(self, batch: Batch) -> torch.Tensor | None:
         """
@@ -188,11 +191,13 @@ class ExtraTerm:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        optimizer = None if self.optimizer is None else self.optimizer.state_dict()
+        return {"module": self.module.state_dict(), "optimizer": optimizer}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
 
 
 class Trainer:
@@ -272,6 +277,13 @@ class Trainer:
         for extra in self.extras:
             extra.module.to(self.device)
         self.mode, self.pyro_optim, self.optimizer = self._build_optimizer(optimizer)
+        if callable(getattr(loss, "online_losses", None)):
+            adding = [_extra_name(e) for e in self.extras
+                      if type(e).generator_loss is not ExtraTerm.generator_loss]
+            if self.mode != "svi" or adding:
+                raise ValueError(f"{type(loss).__name__} updates online, one optimiser step per term: it "
+                                 "runs in SVI mode (a PyroOptim) and takes no hook's generator_loss (hooks "
+                                 f"adding one: {adding})")
 
         # Fresh-run seeding; fit(resume=True) overwrites all of it from the checkpoint.
         pyro.set_rng_seed(seed)
@@ -379,7 +391,8 @@ class Trainer:
                     self.step += 1
                     for extra in self.extras:
                         # Hooks start clean: generator_loss may have left gradients in their networks.
-                        extra.optimizer.zero_grad(set_to_none=True)
+                        if extra.optimizer is not None:
+                            extra.optimizer.zero_grad(set_to_none=True)
                         terms.update(_prefixed(extra, extra.step(batch)))
                     state["loss_sum"] += loss
                     state["num_points"] += idx.numel()
@@ -426,6 +439,8 @@ class Trainer:
     def _main_step(self, batch: Batch, epoch: int) -> tuple[float, dict[str, float]]:
         """One optimiser step; returns the batch's (summed) ELBO loss and generator-loss terms."""
         args = batch if isinstance(batch, tuple) else (batch,)
+        if self.mode == "svi" and callable(getattr(self.loss, "online_losses", None)):
+            return self._online_step(args, epoch)
         if self.mode == "svi":
             return self._svi_step(batch, args, epoch)
         return self._diff_step(batch, args, epoch)
@@ -456,14 +471,46 @@ class Trainer:
             self._raise_non_finite(epoch, bad)
         if extra_loss is not None:
             extra_loss.backward()
+        self._clip_and_step(params)
+        return values[0], terms
+
+    def _clip_and_step(self, params: set[torch.Tensor]) -> None:
+        """Clip and step the parameters the loss reached (those with a gradient), then drop their gradients:
+        None rather than zeros (torch's zero_grad(set_to_none=True)), so that a parameter a later step does
+        not reach (a temperature level's own normalisation) is not moved by Adam's momentum, in a resumed run
+        as in an uninterrupted one."""
+        reached = [p for p in params if p.grad is not None]
         if self.clip_norm is not None:
             # A fixed order keeps the float reduction inside clip_grad_norm_ reproducible across runs.
             store = pyro.get_param_store()
-            ordered = sorted(params, key=lambda p: store.param_name(p) or "")
-            torch.nn.utils.clip_grad_norm_(ordered, self.clip_norm)
-        self.pyro_optim(params)
-        zero_grads(params)
-        return values[0], terms
+            reached.sort(key=lambda p: store.param_name(p) or "")
+            torch.nn.utils.clip_grad_norm_(reached, self.clip_norm)
+        self.pyro_optim(reached)
+        for p in reached:
+            p.grad = None
+
+    def _online_step(self, args: tuple, epoch: int) -> tuple[float, dict[str, float]]:
+        # A loss that updates online (variational walkback's Alg. 1) yields several terms per minibatch; each
+        # is its own optimiser step on the parameters as the earlier terms left them. A term without gradient
+        # (a factor with no parameter) is only added to the reported loss. A non-finite term stops training
+        # before its own update: the updates of the minibatch's earlier terms stay in memory, the checkpoint
+        # on disk is the last good one.
+        total, parts = 0.0, self.loss.online_losses(self.model, self.guide, *args)
+        while True:
+            with poutine.trace(param_only=True) as param_capture:
+                part = next(parts, None)
+            if part is None:
+                return total, {}
+            params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
+            value = torch_item(part)
+            if not math.isfinite(value):
+                zero_grads(params)
+                self._raise_non_finite(epoch, value)
+            total += value
+            if not part.requires_grad or not params:
+                continue
+            part.backward()
+            self._clip_and_step(params)
 
     def _diff_step(self, batch: Batch, args: tuple, epoch: int) -> tuple[float, dict[str, float]]:
         assert self.optimizer is not None
@@ -662,13 +709,15 @@ def _checked_extras(extras: Sequence[ExtraTerm], module: nn.Module) -> list[Extr
             raise TypeError(f"extras[{i}] must be an ExtraTerm, got {type(extra).__name__}")
         if not isinstance(getattr(extra, "module", None), nn.Module):
             raise TypeError(f"extras[{i}].module must be a torch.nn.Module")
-        if not isinstance(getattr(extra, "optimizer", None), torch.optim.Optimizer):
-            raise TypeError(f"extras[{i}].optimizer must be a torch.optim.Optimizer")
+        if not hasattr(extra, "optimizer") or not (
+                extra.optimizer is None or isinstance(extra.optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"extras[{i}].optimizer must be a torch.optim.Optimizer, or None for a hook "
+                            "that trains no network")
         if any(id(p) in main for p in extra.module.parameters()):
             raise ValueError(f"extras[{i}].module shares parameters with the main module")
         own = {id(p) for p in extra.module.parameters()}
-        foreign = [j for g in extra.optimizer.param_groups for j, p in enumerate(g["params"])
-                   if id(p) not in own]
+        groups = [] if extra.optimizer is None else extra.optimizer.param_groups
+        foreign = [j for g in groups for j, p in enumerate(g["params"]) if id(p) not in own]
         if foreign:
             raise ValueError(f"extras[{i}].optimizer holds parameters that are not extras[{i}].module's: "
                              f"a hook's optimiser may only update its own networks")

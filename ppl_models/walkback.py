@@ -12,7 +12,13 @@ p_T(s' | s) with a temperature T serves both directions:
   temperatures in reverse, and the observation x = s_0 at T_1 = 1.
 
 The walk length is K = ceil(log2 T_max) + n, n ~ U{0..N1} (Eq. 3.1), drawn per minibatch
-(:meth:`VariationalWalkback.draw_walk`) or fixed for evaluation (:attr:`walk_steps`). The bound of Eq. 3.5,
+(:meth:`VariationalWalkback.draw_walk`) or fixed for evaluation (:attr:`walk_steps`). The temperatures follow
+Alg. 1 as written — step t is taken at the current T, and T doubles after each step t > n — so the first
+n + 1 steps are at T = 1 and the last of the K steps at T_max / 2 (a paraphrase "T = 1 for the first n
+steps, then doubling up to T_max" is one step off at both ends). A walk longer than that, or one given
+fewer T = 1 steps with :meth:`VariationalWalkback.set_walk`, reaches T_max and stays there.
+
+The bound of Eq. 3.5,
 
     L(s_0) = Σ_{t=1}^{K} [ln p_{T_t}(s_{t-1} | s_t) − ln q_{T_t}(s_t | s_{t-1})] + ln p*(s_K),
 
@@ -25,8 +31,15 @@ one analytic term and warns about the rest, ``PathwiseKL_ELBO(analytic=False)`` 
 Monte Carlo terms throughout; a test checks the value against the closed form of a linear-Gaussian
 operator.
 
-Operators (Sec. 3.4.3), F an MLP with per-step batch normalisation (Sec. 3.15: one set of normalisation
-statistics and affine parameters per walk step), α = ``alpha``:
+Operators (Sec. 3.4.3), F an MLP with one normalisation per temperature level (Sec. 3.15 found separate
+batch-normalisation parameters per walk step better; with walks of random length, step t is at T = 1 in one
+walk and heated in another, so the levels here are the temperatures 1, 2, 4, …, T_max / 2 that Alg. 1's
+walks visit (a longer walk's steps at T_max share the hottest), the T = 1 steps sharing one), α =
+``alpha``. ``norm="layer"`` (the default) normalises each example by its own statistics;
+``norm="batch"`` is the thesis' batch normalisation, whose batch statistics make the operator another
+function in the heating call (on s_{t−1}) than in the cooling call (on s_t) and another in evaluation
+(running averages) than in training — on digits, with one batch norm per walk step, the evaluated bound
+of the same weights was 29 nats below the training-mode one, which is why it is not the default:
 
 - Bernoulli, binary states: ρ = σ(((1 − α) s + α F(s)) / T) per pixel;
 - Gaussian, real states: μ = (1 − α) s + α F(s), standard deviation √T · softplus(F_σ(s)) — the noise
@@ -34,7 +47,7 @@ statistics and affine parameters per walk step), α = ``alpha``:
   standard deviation ∝ T instead. With variance ∝ T, T_max = σ²_max / σ² (Alg. 1), σ²_max the data's
   variance.
 
-Symbols to code: p_T -> :class:`TransitionOperator` (``forward(s, T, step)`` gives the distribution of the
+Symbols to code: p_T -> :class:`TransitionOperator` (``forward(s, T)`` gives the distribution of the
 next state), q -> :meth:`VariationalWalkback.guide`, p -> :meth:`VariationalWalkback.model`, p* -> ``p_star``
 (moments ``star_mean`` / ``star_var``, updated from heated end states by :meth:`update_star`), s_0 -> the
 observation ``x``, s_t -> site ``z_{K−t}`` (``z_0`` is s_K, the model's first draw; ``z_{K−1}`` is s_1), K ->
@@ -56,6 +69,7 @@ from ppl_models.base import ModelGuidePair, register_model
 from ppl_models.masks import validate_mask
 
 FORMS = ("bernoulli", "gaussian")
+NORMS = ("layer", "batch")
 
 
 def walk_temperatures(num_steps: int, n: int, t_max: float) -> list[float]:
@@ -72,18 +86,27 @@ def walk_temperatures(num_steps: int, n: int, t_max: float) -> list[float]:
 
 
 class TransitionOperator(nn.Module):
-    """p_T(s' | s) (see the module docstring): ``net="mlp"`` (hidden layers with one BatchNorm per walk step,
-    ``max_steps`` of them) or ``net="linear"`` (F(s) = w ⊙ s + c and a constant F_σ, for exact tests)."""
+    """p_T(s' | s) (see the module docstring): ``net="mlp"`` (hidden layers, each followed by a normalisation
+    of its own for every temperature level, ``levels`` of them) or ``net="linear"`` (F(s) = w ⊙ s + c and a
+    constant F_σ, for exact tests). The Bernoulli MLP adds a learned per-pixel gain to F, g ⊙ (2s − 1),
+    started at ``skip``: with g = 0 an untrained operator forgets its input (ρ = σ(0.5 s) ≈ ½), and both the
+    heating guide and the cooling model then settle on the pixels' marginals (a fixed point of Alg. 1's
+    stop-gradient updates, seen on digits); a positive start keeps the data at T = 1 instead. ``norm``:
+    "layer" (per-example statistics: the same function in training
+    and evaluation, in the heating and the cooling direction) or "batch" (the thesis' batch normalisation:
+    batch statistics in training, running averages in evaluation)."""
 
     def __init__(self, x_dim: int, form: str = "gaussian", hidden: tuple[int, ...] = (500, 500),
-                 alpha: float = 0.5, max_steps: int = 32, net: str = "mlp") -> None:
+                 alpha: float = 0.5, levels: int = 8, net: str = "mlp", norm: str = "layer",
+                 skip: float = 0.0) -> None:
         super().__init__()
-        if form not in FORMS or net not in ("mlp", "linear"):
-            raise ValueError(f"form must be one of {FORMS} and net 'mlp' or 'linear', got {form!r}, {net!r}")
-        if not 0 < alpha <= 1 or x_dim < 1 or max_steps < 1 or any(h < 1 for h in hidden):
-            raise ValueError(f"need 0 < alpha <= 1, x_dim >= 1, max_steps >= 1 and hidden sizes >= 1, got "
-                             f"{alpha}, {x_dim}, {max_steps}, {hidden}")
-        self.form, self.alpha, self.net, self.max_steps = form, alpha, net, max_steps
+        if form not in FORMS or net not in ("mlp", "linear") or norm not in NORMS:
+            raise ValueError(f"form must be one of {FORMS}, net 'mlp' or 'linear' and norm one of {NORMS}, "
+                             f"got {form!r}, {net!r}, {norm!r}")
+        if not 0 < alpha <= 1 or x_dim < 1 or levels < 1 or any(h < 1 for h in hidden):
+            raise ValueError(f"need 0 < alpha <= 1, x_dim >= 1, levels >= 1 and hidden sizes >= 1, got "
+                             f"{alpha}, {x_dim}, {levels}, {hidden}")
+        self.form, self.alpha, self.net, self.levels, self.norm = form, alpha, net, levels, norm
         out = x_dim * (2 if form == "gaussian" else 1)
         if net == "linear":
             self.w = nn.Parameter(torch.zeros(x_dim))
@@ -91,26 +114,33 @@ class TransitionOperator(nn.Module):
         else:
             sizes = [x_dim, *hidden]
             self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-            # per-step normalisation (Sec. 3.15): norms[k][l] normalises layer l at walk step k + 1
-            self.norms = nn.ModuleList(nn.ModuleList(nn.BatchNorm1d(h) for h in hidden)
-                                       for _ in range(max_steps))
+            kind = nn.LayerNorm if norm == "layer" else nn.BatchNorm1d
+            # per-level normalisation (Sec. 3.15): norms[k][l] normalises layer l at temperature 2^k
+            self.norms = nn.ModuleList(nn.ModuleList(kind(h) for h in hidden) for _ in range(levels))
             self.head = nn.Linear(sizes[-1], out)
+            if form == "bernoulli":  # F(s) = MLP(s) + g ⊙ (2s − 1), the gain g learned from ``skip``
+                self.gain = nn.Parameter(torch.full((x_dim,), float(skip)))
 
-    def features(self, s: torch.Tensor, step: int) -> torch.Tensor:
-        """F(s) (and F_σ(s) for the Gaussian form, concatenated) at walk step ``step`` (1-based)."""
+    def level(self, T: float) -> int:
+        """The normalisation level of temperature T: round(log2 T), the last level for anything hotter."""
+        if T < 1:
+            raise ValueError(f"temperature must be >= 1, got {T}")
+        return min(round(math.log2(T)), self.levels - 1)
+
+    def features(self, s: torch.Tensor, T: float) -> torch.Tensor:
+        """F(s) (and F_σ(s) for the Gaussian form, concatenated) with temperature T's normalisation."""
         if self.net == "linear":
             lin = self.w * s
             return self.c + (torch.cat([lin, torch.zeros_like(lin)], -1) if self.form == "gaussian" else lin)
-        if not 1 <= step <= self.max_steps:
-            raise ValueError(f"walk step {step} outside 1..{self.max_steps} (max_steps)")
-        h = s
-        for layer, norm in zip(self.layers, self.norms[step - 1], strict=True):
+        h = s.reshape(-1, s.shape[-1])  # batch norm wants (rows, features): importance samples are rows too
+        for layer, norm in zip(self.layers, self.norms[self.level(T)], strict=True):
             h = F.relu(norm(layer(h)))
-        return self.head(h)
+        f = self.head(h).reshape(*s.shape[:-1], -1)
+        return f + self.gain * (2 * s - 1) if self.form == "bernoulli" else f
 
-    def forward(self, s: torch.Tensor, T: float, step: int) -> dist.TorchDistribution:
-        """p_T(· | s) at walk step ``step``, one event per row."""
-        f = self.features(s, step)
+    def forward(self, s: torch.Tensor, T: float) -> dist.TorchDistribution:
+        """p_T(· | s), one event per row."""
+        f = self.features(s, T)
         if self.form == "bernoulli":
             logits = ((1 - self.alpha) * s + self.alpha * f) / T
             return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
@@ -131,6 +161,8 @@ class VariationalWalkback(ModelGuidePair):
     :param init_mean: the data's mean per dimension (p*'s first mean); zeros if None.
     :param init_var: the data's variance per dimension (p*'s first variance, Gaussian form); ones if None.
     :param net: "mlp", or "linear" for exact tests.
+    :param norm: "layer" or "batch" normalisation, one per temperature level (:class:`TransitionOperator`).
+    :param skip: the Bernoulli operator's starting gain on (2s − 1) (:class:`TransitionOperator`).
     """
 
     param_prefix = "walkback"
@@ -138,34 +170,36 @@ class VariationalWalkback(ModelGuidePair):
     def __init__(self, x_dim: int, form: str = "gaussian", hidden: tuple[int, ...] = (500, 500),
                  alpha: float = 0.5, t_max: float = 256.0, max_extra: int = 5,
                  init_mean: torch.Tensor | None = None, init_var: torch.Tensor | None = None,
-                 net: str = "mlp") -> None:
+                 net: str = "mlp", norm: str = "layer", skip: float = 0.0) -> None:
         super().__init__()
         if t_max < 1 or max_extra < 0:
             raise ValueError(f"need t_max >= 1 and max_extra >= 0, got {t_max}, {max_extra}")
         self.x_dim, self.form, self.t_max, self.max_extra = x_dim, form, float(t_max), max_extra
         self.heating_steps = math.ceil(math.log2(self.t_max))
-        longest = max(1, self.heating_steps + max_extra)  # the longest walk: one normalisation per step
-        self.operator = TransitionOperator(x_dim, form, hidden, alpha, longest, net)
+        # one normalisation per temperature level Alg. 1's walks visit: 1, 2, 4, …, T_max / 2
+        self.operator = TransitionOperator(x_dim, form, hidden, alpha, max(1, self.heating_steps), net, norm,
+                                           skip)
         mean = torch.zeros(x_dim) if init_mean is None else init_mean.detach().float().reshape(x_dim).cpu()
         var = torch.ones(x_dim) if init_var is None else init_var.detach().float().reshape(x_dim).cpu()
         self.register_buffer("star_mean", mean.clone())
         self.register_buffer("star_var", var.clone().clamp(min=1e-4))
         self.walk_steps = self.heating_steps  # K; draw_walk() sets it per minibatch
         self.n = 0
+        self.last_end: torch.Tensor | None = None  # the guide's last end states s_K, for update_star
 
     # --------------------------------------------------------------------------------------- the walk
     def draw_walk(self, generator: torch.Generator | None = None) -> int:
         """n ~ U{0..N1} and K = ceil(log2 T_max) + n (Eq. 3.1), for the next model/guide call; returns K."""
-        self.n = int(torch.randint(0, self.max_extra + 1, (1,), generator=generator))
+        device = None if generator is None else generator.device  # the trainer's generator is on its device
+        self.n = int(torch.randint(0, self.max_extra + 1, (1,), generator=generator, device=device))
         self.walk_steps = max(1, self.heating_steps + self.n)
         return self.walk_steps
 
     def set_walk(self, num_steps: int, n: int | None = None) -> None:
         """A fixed walk of ``num_steps`` steps (evaluation), its first ``n`` at T = 1 (default: as many as
         Eq. 3.1 leaves after the heating steps, at least 0)."""
-        too_long = self.operator.net == "mlp" and num_steps > self.operator.max_steps
-        if num_steps < 1 or too_long:
-            raise ValueError(f"num_steps must be in 1..{self.operator.max_steps}, got {num_steps}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.walk_steps = num_steps
         self.n = max(0, num_steps - self.heating_steps) if n is None else n
 
@@ -196,10 +230,10 @@ class VariationalWalkback(ModelGuidePair):
         if self.form == "gaussian" and end_states.shape[0] > 1:
             self.star_var.lerp_(end_states.var(0).clamp(min=1e-4), momentum)
 
-    def _detached_operator(self, s: torch.Tensor, T: float, step: int) -> dist.TorchDistribution:
+    def _detached_operator(self, s: torch.Tensor, T: float) -> dist.TorchDistribution:
         params = {k: v.detach() for k, v in self.operator.named_parameters()}
         buffers = dict(self.operator.named_buffers())
-        return functional_call(self.operator, {**params, **buffers}, (s, T, step))
+        return functional_call(self.operator, {**params, **buffers}, (s, T))
 
     # -------------------------------------------------------------------------------- Pyro programs
     def guide(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
@@ -208,7 +242,7 @@ class VariationalWalkback(ModelGuidePair):
         s = x
         with pyro.plate("data", x.shape[0]):
             for t in pyro.markov(range(1, K + 1)):
-                s = pyro.sample(f"z_{K - t}", self._detached_operator(s, temps[t - 1], t))
+                s = pyro.sample(f"z_{K - t}", self._detached_operator(s, temps[t - 1]))
         self.last_end = s.detach()
         return s
 
@@ -223,60 +257,93 @@ class VariationalWalkback(ModelGuidePair):
             s = pyro.sample("z_0", self.p_star(n))
             for k in pyro.markov(range(1, K)):  # site z_k is s_{K-k}, drawn at step t = K - k + 1
                 t = K - k + 1
-                s = pyro.sample(f"z_{k}", self.operator(s, temps[t - 1], t))
-            obs = self.operator(s, temps[0], 1)
+                s = pyro.sample(f"z_{k}", self.operator(s, temps[t - 1]))
+            obs = self.operator(s, temps[0])
             pyro.sample("x", obs, obs=x)
         return obs.mean
 
     # ------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def run(self, s: torch.Tensor, steps: int, T: float = 1.0, step: int = 1,
+    def run(self, s: torch.Tensor, steps: int, T: float = 1.0,
             mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
-            every: int | None = None) -> torch.Tensor | list[torch.Tensor]:
-        """Iterate the operator ``steps`` times at temperature ``T`` (walk step ``step``'s normalisation),
-        the pixels where ``mask`` is 1 clamped to ``known``; returns the last state's mean, or every
-        ``every``-th state's mean."""
+            every: int | None = None, mean: bool = True) -> torch.Tensor | list[torch.Tensor]:
+        """Iterate the operator ``steps`` times at temperature ``T`` from ``s``, the pixels where ``mask``
+        is 1 clamped to ``known`` (from the start); returns the last step's mean (``mean=False``: its drawn
+        state), or every ``every``-th step's."""
         if mask is not None:
             mask = validate_mask(mask, known)
+            s = mask * known + (1 - mask) * s
         frames = []
         for i in range(1, steps + 1):
-            d = self.operator(s, T, step)
+            d = self.operator(s, T)
             s = d.sample()
+            out = d.mean if mean else s
             if mask is not None:
                 s = mask * known + (1 - mask) * s
+                out = mask * known + (1 - mask) * out
             if every is not None and i % every == 0:
-                frames.append(d.mean if mask is None else mask * known + (1 - mask) * d.mean)
-        if every is not None:
-            return frames
-        out = d.mean
-        return out if mask is None else mask * known + (1 - mask) * out
+                frames.append(out)
+        return frames if every is not None else out
 
     @torch.no_grad()
-    def sample(self, num_samples: int) -> torch.Tensor:
-        """Cool from p* along the current walk; returns the mean of the last (T = 1) step, in data space."""
+    def cool(self, s: torch.Tensor, mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
+             every_step: bool = False, mean: bool = True) -> torch.Tensor | list[torch.Tensor]:
+        """The model's cooling walk from states ``s`` (s_K) down to s_0, pixels where ``mask`` is 1 clamped to
+        ``known`` at every step; returns the mean of the last (T = 1) step (``mean=False``: a draw of s_0), or
+        with ``every_step`` the mean of every step (K of them, the last one s_0's)."""
         K, temps = self.walk_steps, self.temperatures()
-        s = self.p_star(num_samples).sample()
-        for t in range(K, 1, -1):
-            s = self.operator(s, temps[t - 1], t).sample()
-        mean = self.operator(s, temps[0], 1).mean
-        return mean.clamp(0, 1)
+        if mask is not None:
+            mask = validate_mask(mask, known)
+            s = mask * known + (1 - mask) * s
+        frames = []
+        for t in range(K, 0, -1):
+            d = self.operator(s, temps[t - 1])
+            s = d.sample() if t > 1 or not mean else d.mean
+            if mask is not None:
+                s = mask * known + (1 - mask) * s
+            shown = d.mean if mean or t > 1 else s
+            frames.append(mask * known + (1 - mask) * shown if mask is not None else shown)
+        return frames if every_step else frames[-1]
+
+    @torch.no_grad()
+    def heat(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The guide's heating walk from ``x``: the states s_1 … s_K."""
+        K, temps, s, states = self.walk_steps, self.temperatures(), x, []
+        for t in range(1, K + 1):
+            s = self.operator(s, temps[t - 1]).sample()
+            states.append(s)
+        return states
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, mean: bool = True, clamp: bool = True) -> torch.Tensor:
+        """Cool from p* along the current walk; returns the mean of the last (T = 1) step (``mean=False``: a
+        draw of s_0), clamped to the images' [0, 1] unless ``clamp`` is False (data that are not images)."""
+        s = self.cool(self.p_star(num_samples).sample(), mean=mean)
+        return s.clamp(0, 1) if clamp else s
+
+    @torch.no_grad()
+    def inpaint(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Fill the pixels where ``mask`` is 0: a cooling walk from p* with the known pixels of ``x`` clamped
+        at every step."""
+        return self.cool(self.p_star(x.shape[0]).sample(), mask, x)
 
 
 @torch.no_grad()
 def reversibility(operator: TransitionOperator, s0: torch.Tensor, steps: int, burn_in: int = 50,
-                  T: float = 1.0, step: int = 1) -> dict[str, float]:
+                  T: float = 1.0) -> dict[str, float]:
     """Sec. 3.14: run p_T for ``burn_in`` + ``steps`` steps from ``s0`` (one chain per row) and estimate, per
     step after burn-in, KL(p_T(s'|s) π(s) || p_T(s|s') π(s')) by the mean of ln p_T(s_{t+1}|s_t) −
     ln p_T(s_t|s_{t+1}) (nats per step), and the per-step entropy by the mean of −ln p_T(s_{t+1}|s_t). The
     ratio (the thesis' 3.6 %) is reported only where that entropy is a discrete, positive one (Bernoulli)."""
     s = s0
     for _ in range(burn_in):
-        s = operator(s, T, step).sample()
+        s = operator(s, T).sample()
     forward, backward = [], []
     for _ in range(steps):
-        nxt = operator(s, T, step).sample()
-        forward.append(operator(s, T, step).log_prob(nxt))
-        backward.append(operator(nxt, T, step).log_prob(s))
+        d = operator(s, T)
+        nxt = d.sample()
+        forward.append(d.log_prob(nxt))
+        backward.append(operator(nxt, T).log_prob(s))
         s = nxt
     fwd, bwd = torch.stack(forward), torch.stack(backward)  # (steps, chains)
     per_chain = (fwd - bwd).mean(0)

@@ -155,7 +155,7 @@ class _Rotation(nn.Module):
         c, s = math.cos(angle), math.sin(angle)
         self.A, self.sd = r * torch.tensor([[c, -s], [s, c]], dtype=torch.float64), sd
 
-    def forward(self, s, T, step):
+    def forward(self, s, T):
         return dist.Normal(s @ self.A.T, self.sd).to_event(1)
 
 
@@ -188,11 +188,178 @@ def test_clamped_pixels_stay_fixed_in_every_state_the_operator_sees(monkeypatch)
     seen = []
     forward = pair.operator.forward
 
-    def recording(s, T, step):
+    def recording(s, T):
         seen.append(s.clone())
-        return forward(s, T, step)
+        return forward(s, T)
 
     monkeypatch.setattr(pair.operator, "forward", recording)
     out = pair.run(torch.rand(3, 64).bernoulli(), 6, mask=mask, known=x)
-    assert len(seen) == 6 and all(torch.equal(s[mask.bool()], x[mask.bool()]) for s in seen[1:])
+    assert len(seen) == 6 and all(torch.equal(s[mask.bool()], x[mask.bool()]) for s in seen)
     assert torch.equal(out * mask, x * mask)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _trainer(pair, loss, x, out, epochs=1, extras=(), batch_size=8, lr=1e-2):
+    from inference.train import Trainer
+
+    return Trainer(pair.model, pair.guide, pair, loss, pyro.optim.Adam({"lr": lr}), train_data=x,
+                   batch_size=batch_size, epochs=epochs, seed=0, device="cpu", out_dir=out, progress=False,
+                   transform=lambda b, g: (pair.draw_walk(g), b)[1], extras=extras)
+
+
+def test_online_terms_sum_to_the_trace_elbo_of_the_same_path():
+    from inference.walkback import OnlineWalkbackELBO
+
+    pair = build_model("walkback", x_dim=5, hidden=(8,), t_max=8.0, max_extra=2).double()
+    pair.set_walk(4, 1)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    torch.manual_seed(3)
+    terms = list(OnlineWalkbackELBO(pair).online_losses(pair.model, pair.guide, x))
+    end = pair.last_end.clone()
+    assert len(terms) == 5 and [t.requires_grad for t in terms] == [True] * 4 + [False]
+    torch.manual_seed(3)  # the same heated path: the guide draws s_1..s_K in the same order
+    with torch.no_grad():
+        elbo = PathwiseKL_ELBO(analytic=False).per_datum(pair.model, pair.guide, x)
+    assert torch.equal(pair.last_end, end)
+    assert float(sum(t.detach() for t in terms)) == pytest.approx(-float(elbo.sum()), rel=1e-10)
+
+
+def test_the_online_update_takes_one_optimiser_step_per_walk_step(tmp_path):
+    from inference.walkback import OnlineWalkbackELBO, PStarMoments
+
+    pair = build_model("walkback", x_dim=4, hidden=(8,), t_max=4.0, max_extra=3)
+    x = torch.randn(8, 4)  # one minibatch
+    seen = []
+    draw = pair.draw_walk
+    pair.draw_walk = lambda g: seen.append(draw(g)) or seen[-1]
+    trainer = _trainer(pair, OnlineWalkbackELBO(pair), x, tmp_path, extras=[PStarMoments(pair, 0.5)])
+    trainer.fit()
+    steps = {k: int(s["state"][0]["step"]) for k, s in trainer.pyro_optim.get_state().items()}
+    # K = ceil(log2 4) + n Adam steps for the walk's K terms on the shared layers; on a temperature level's
+    # normalisation, one per step at that temperature (T = 1 for the first n + 1 steps, then 2 = T_max / 2)
+    K = seen[0]
+    assert steps["walkback$$$operator.head.weight"] == K >= 2
+    assert steps["walkback$$$operator.norms.0.0.weight"] == K - 1
+    assert steps["walkback$$$operator.norms.1.0.weight"] == 1
+    # the whole-walk update: one step per minibatch
+    pair2 = build_model("walkback", x_dim=4, hidden=(8,), t_max=4.0, max_extra=3)
+    trainer2 = _trainer(pair2, pyro.infer.Trace_ELBO(), x, tmp_path / "walk", extras=[PStarMoments(pair2)])
+    trainer2.fit()
+    assert int(trainer2.pyro_optim.get_state()["walkback$$$operator.head.weight"]["state"][0]["step"]) == 1
+
+
+def test_p_star_moves_towards_the_heated_end_states_and_resume_is_exact(tmp_path):
+    from inference.walkback import PStarMoments
+
+    pair = build_model("walkback", x_dim=3, hidden=(8,), t_max=4.0, max_extra=2)
+    before_mean, before_var = pair.star_mean.clone(), pair.star_var.clone()
+    hook = PStarMoments(pair, momentum=0.25)
+    pair.last_end = torch.randn(50, 3) * 2 + 1
+    hook.step(None)
+    assert torch.allclose(pair.star_mean, before_mean + 0.25 * (pair.last_end.mean(0) - before_mean))
+    assert torch.allclose(pair.star_var, before_var + 0.25 * (pair.last_end.var(0) - before_var))
+    with pytest.raises(ValueError, match="momentum"):
+        PStarMoments(pair, momentum=0.0)
+
+    def fit(out, epochs, online, resume=False):
+        from inference.walkback import OnlineWalkbackELBO
+
+        pyro.set_rng_seed(0)
+        p = build_model("walkback", x_dim=3, hidden=(8,), t_max=4.0, max_extra=2)
+        x = torch.randn(24, 3, generator=torch.Generator().manual_seed(1))
+        loss = OnlineWalkbackELBO(p) if online else pyro.infer.Trace_ELBO()
+        t = _trainer(p, loss, x, out, epochs=epochs, extras=[PStarMoments(p)])
+        return t.fit(resume=resume), p, t.pyro_optim.get_state()
+
+    for online in (False, True):
+        out = tmp_path / str(online)
+        straight, p1, adam1 = fit(out / "a", 3, online)
+        fit(out / "b", 1, online)
+        resumed, p2, adam2 = fit(out / "b", 3, online, resume=True)
+        assert [m["train_loss"] for m in straight] == [m["train_loss"] for m in resumed]
+        assert all(torch.equal(v, p2.state_dict()[k]) for k, v in p1.state_dict().items())  # star moments too
+        assert not torch.equal(p1.star_mean, torch.zeros(3))
+        assert set(adam1) == set(adam2)
+        for name, state in adam1.items():
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(torch.as_tensor(state["state"][0][key]),
+                                   torch.as_tensor(adam2[name]["state"][0][key]))
+
+
+def test_a_non_finite_online_term_stops_training_with_a_clear_error(tmp_path):
+    from inference.train import NonFiniteLossError
+    from inference.walkback import OnlineWalkbackELBO
+
+    pair = build_model("walkback", x_dim=4, t_max=4.0, max_extra=0, net="linear")
+    x = torch.randn(8, 4)
+    x[0, 0] = float("nan")  # a NaN state: its heating draw and the first term are NaN
+    before = {k: v.clone() for k, v in pair.state_dict().items()}
+    with pyro.validation_enabled(False), pytest.raises(NonFiniteLossError):
+        _trainer(pair, OnlineWalkbackELBO(pair), x, tmp_path).fit()
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert all(torch.equal(v, pair.state_dict()[k]) for k, v in before.items())  # stopped before any update
+
+
+def test_inpainting_keeps_the_known_pixels_through_the_cooling_walk():
+    from ppl_models.masks import MAR
+
+    pair = build_model("walkback", x_dim=64, form="gaussian", hidden=(8,), t_max=8.0, max_extra=2)
+    pair.eval()
+    pair.set_walk(5)
+    x = torch.rand(4, 64)
+    mask = MAR(3, (8, 8))(x, torch.Generator().manual_seed(0))
+    frames = pair.cool(torch.randn(4, 64), mask, x, every_step=True)
+    assert len(frames) == 5 and all(torch.equal(f[mask.bool()], x[mask.bool()]) for f in frames)
+    filled = pair.inpaint(x, mask)
+    assert torch.equal(filled[mask.bool()], x[mask.bool()]) and not torch.equal(filled, x)
+
+
+def test_importance_samples_through_per_step_batch_norm_match_one_by_one():
+    # the vectorised importance samples are rows of batch norm's input: in eval mode each row's density must
+    # not depend on the others
+    pair = build_model("walkback", x_dim=3, hidden=(8,), t_max=4.0, max_extra=0, norm="batch").double()
+    pair.eval()
+    s = torch.randn(7, 5, 3, dtype=torch.float64)
+    together = pair.operator(s, 2.0).log_prob(s + 0.1)
+    alone = torch.stack([pair.operator(s[i], 2.0).log_prob(s[i] + 0.1) for i in range(7)])
+    assert torch.allclose(together, alone)
+
+
+def test_each_online_heating_step_uses_the_parameters_the_previous_update_left():
+    from inference.walkback import OnlineWalkbackELBO
+
+    pair = build_model("walkback", x_dim=3, hidden=(8,), t_max=8.0, max_extra=0)
+    pair.set_walk(3, 0)
+    seen = []
+    forward = pair.operator.forward
+
+    def recording(s, T):
+        seen.append(float(pair.operator.head.bias[0].detach()))
+        return forward(s, T)
+
+    pair.operator.forward = recording
+    terms = OnlineWalkbackELBO(pair).online_losses(pair.model, pair.guide, torch.randn(4, 3))
+    for step in range(3):
+        next(terms)  # heats s_{t}, then scores ln p(s_{t-1} | s_t)
+        with torch.no_grad():
+            pair.operator.head.bias[0] = step + 1.0  # "the update" after term t
+    # per step: the heating draw, then the scored reverse transition — both with the latest parameters
+    assert seen[0] == seen[1] and seen[2:] == [1.0, 1.0, 2.0, 2.0]
+
+
+def test_an_online_loss_refuses_hooks_that_add_a_generator_term(tmp_path):
+    from inference.train import ExtraTerm
+    from inference.walkback import OnlineWalkbackELBO
+
+    class Adds(ExtraTerm):
+        def __init__(self):
+            self.module, self.optimizer = nn.Linear(1, 1), None
+
+        def generator_loss(self, batch):
+            return torch.zeros(())
+
+    pair = build_model("walkback", x_dim=4, hidden=(8,), t_max=4.0, max_extra=0)
+    with pytest.raises(ValueError, match="takes no hook's generator_loss"):
+        _trainer(pair, OnlineWalkbackELBO(pair), torch.randn(8, 4), tmp_path, extras=[Adds()])
