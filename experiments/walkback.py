@@ -369,14 +369,13 @@ def toy_density_figure(pair: VariationalWalkback, config: dict[str, Any], fd: di
 
 def save_form_curves(form: str, config: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> None:
     K = max(walks(form, config)[0])
-    train_key = ("train −L (one path per point, walks of random length; online: parameters moving along the "
-                 "walk)")
-    valid_key = f"valid −L (one path, K = {K})"
+    train_key = "train −L (walks of random length)"
+    valid_key = f"valid −L (K = {K})"
     rows = [{"epoch": r["epoch"], train_key: r["train_loss"], valid_key: -r["valid_bound"]} for r in metrics]
     unit = "nats per point" if form == "toy" else "nats per image"
     save_curves(rows, [train_key, valid_key], path, ylabel=f"{unit} (−bound)",
-                title=f"{form} walkback ({config[form]['update']} update): training loss and validation "
-                      "bound")
+                title=f"{form} walkback ({config[form]['update']} update): −bound per epoch, one heated path "
+                      "per point (online: the parameters move along each training walk)")
 
 
 def protocol(config: dict[str, Any], data: Dataset | None) -> dict[str, Any]:
