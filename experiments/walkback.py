@@ -374,8 +374,8 @@ def save_form_curves(form: str, config: dict[str, Any], metrics: list[dict[str, 
     rows = [{"epoch": r["epoch"], train_key: r["train_loss"], valid_key: -r["valid_bound"]} for r in metrics]
     unit = "nats per point" if form == "toy" else "nats per image"
     save_curves(rows, [train_key, valid_key], path, ylabel=f"{unit} (−bound)",
-                title=f"{form} walkback ({config[form]['update']} update): −bound per epoch, one heated path "
-                      "per point (online: the parameters move along each training walk)")
+                title=f"{form} walkback, {config[form]['update']} update: −bound per epoch, one path per "
+                      "point")
 
 
 def protocol(config: dict[str, Any], data: Dataset | None) -> dict[str, Any]:
