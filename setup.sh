@@ -40,4 +40,23 @@ t10k-labels-idx1-ubyte.gz in a directory and pass --data-dir DIR or set SEQGEN_F
 MSG
     fi
 fi
+# The English text corpus of the professor-forcing experiment: the Debian package fortunes (a plain-text file
+# of your own works too, with --text FILE).
+if [ -d /usr/share/games/fortunes ]; then
+    echo "setup: fortunes corpus found in /usr/share/games/fortunes"
+else
+    SUDO=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo"; fi
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; then
+        $SUDO apt-get install -y -q fortunes >/dev/null 2>&1 \
+            || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q fortunes >/dev/null; } \
+            || echo "setup: WARNING: apt-get could not install fortunes" >&2
+    fi
+    if [ -d /usr/share/games/fortunes ]; then
+        echo "setup: fortunes corpus installed in /usr/share/games/fortunes"
+    else
+        echo "setup: the fortunes corpus is not installed (apt-get install fortunes, as root); only the text" \
+             "experiment needs it, and it also takes --text FILE" >&2
+    fi
+fi
 echo "setup: done (.venv/bin/python)"

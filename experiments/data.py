@@ -472,3 +472,98 @@ def ring_mixture_log_density(x: torch.Tensor, modes: int, radius: float, sd: flo
     d2 = (x.double()[:, None, :] - _ring_centres(modes, radius).to(x.device)[None]).pow(2).sum(-1)
     log_k = -0.5 * d2 / sd**2 - math.log(2 * math.pi * sd**2)
     return torch.logsumexp(log_k, 1) - math.log(modes)
+
+
+# ---------------------------------------------------------------------------------------- text corpora
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+#: Fractions of a corpus' characters, by position: the first 90 % train, the next 5 % valid, the last 5 %
+#: test.
+TEXT_SPLIT = (0.9, 0.05, 0.05)
+
+
+@dataclasses.dataclass
+class TextCorpus:
+    """A character-level corpus split by position (:data:`TEXT_SPLIT`): ``train``, ``valid`` and ``test`` are
+    int64 tensors of character indices into ``alphabet`` (the sorted distinct characters of the whole
+    corpus, so every split encodes); :meth:`encode` / :meth:`decode` map text to indices and back."""
+
+    name: str
+    alphabet: str
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+    source: str
+
+    def encode(self, text: str) -> torch.Tensor:
+        index = {c: i for i, c in enumerate(self.alphabet)}
+        missing = sorted(set(text) - set(index))
+        if missing:
+            raise ValueError(f"characters {missing!r} are not in the corpus' alphabet of "
+                             f"{len(self.alphabet)}")
+        return torch.tensor([index[c] for c in text], dtype=torch.int64)
+
+    def decode(self, indices: torch.Tensor) -> str:
+        return "".join(self.alphabet[int(i)] for i in indices)
+
+    def sequences(self, split: str, length: int) -> torch.Tensor:
+        """Non-overlapping sequences of ``length`` characters cut from the start of ``split`` (the remainder,
+        shorter than ``length``, is dropped): int64 (N, length)."""
+        if split not in ("train", "valid", "test"):
+            raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+        text = getattr(self, split)
+        if not isinstance(length, int) or length < 2 or length > text.numel():
+            raise ValueError(f"sequence length must be an integer in 2..{text.numel()} (the {split} split's "
+                             f"characters), got {length!r}")
+        n = text.numel() // length
+        return text[: n * length].reshape(n, length)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "alphabet_size": len(self.alphabet),
+                "characters": {s: int(getattr(self, s).numel()) for s in ("train", "valid", "test")},
+                "split_protocol": "by position: the first 90 % of the characters train, the next 5 % valid, "
+                                  "the last 5 % test"}
+
+
+def _fortune_text(directory: Path) -> str:
+    """The English fortune files of ``directory`` (regular files without an extension, sorted by name; the
+    ``.dat`` indices and ``.u8`` links skipped), their ``%`` separator lines removed, joined by blank
+    lines."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.is_symlink() and not p.suffix)
+    parts = []
+    for path in files:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        parts.append("\n".join(line for line in lines if line.strip() != "%"))
+    return "\n\n".join(parts)
+
+
+def load_text_corpus(path: str | os.PathLike | None = None) -> TextCorpus:
+    """A character-level corpus: the plain-text file ``path`` (UTF-8), or without one the Debian package
+    ``fortunes`` (English fortune cookies, about 2.5 MB, under :data:`FORTUNES_DIR`). A missing or empty
+    corpus, or one too short to split, is a :class:`DataError` naming it; nothing is ever substituted."""
+    if path is None:
+        if not FORTUNES_DIR.is_dir():
+            raise DataError(f"{FORTUNES_DIR}: the fortunes corpus is not installed; install the Debian "
+                            "package (apt-get install fortunes, which ./setup.sh does where it can) or pass "
+                            "a plain-text file with --text FILE")
+        text, name = _fortune_text(FORTUNES_DIR), "fortunes"
+        source = f"{FORTUNES_DIR} (Debian package fortunes)"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"{p}: no such text file (--text expects a plain-text UTF-8 file)")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        name, source = p.name, str(p)
+    if not text.strip():
+        raise DataError(f"{source}: the corpus is empty")
+    n = len(text)
+    a, b = int(n * TEXT_SPLIT[0]), int(n * (TEXT_SPLIT[0] + TEXT_SPLIT[1]))
+    if min(a, b - a, n - b) < 2:
+        raise DataError(f"{source}: {n} characters are too few to split 90/5/5 with at least 2 in each part")
+    alphabet = "".join(sorted(set(text)))
+    index = {c: i for i, c in enumerate(alphabet)}
+    codes = torch.tensor([index[c] for c in text], dtype=torch.int64)
+    return TextCorpus(name, alphabet, codes[:a], codes[a:b], codes[b:], source)
