@@ -449,6 +449,18 @@ def fixed_binarize(x: torch.Tensor, seed: int = FIXED_BINARIZATION_SEED) -> torc
     return _bernoulli(x, generator)
 
 
+def downsample(x: torch.Tensor, image_shape: tuple[int, int], factor: int = 2) -> torch.Tensor:
+    """Grey-level images (N, H·W) averaged over ``factor`` × ``factor`` blocks: (N, H/f · W/f), still in
+    [0, 1] (binarise afterwards, as for full-size images). Fashion-MNIST's 28 x 28 become 14 x 14, the
+    sequential pixel experiment's CPU size."""
+    h, w = image_shape
+    if factor < 1 or h % factor or w % factor or x.dim() != 2 or x.shape[1] != h * w:
+        raise ValueError(f"downsample: need (N, {h}·{w}) images and a factor dividing {h} and {w}, got "
+                         f"{tuple(x.shape)} and {factor}")
+    blocks = x.reshape(-1, h // factor, factor, w // factor, factor)
+    return blocks.mean((2, 4)).reshape(x.shape[0], -1)
+
+
 # ------------------------------------------------------------------------------------------ a 2-D toy
 
 

@@ -70,3 +70,14 @@ def test_the_fortunes_corpus_reads_its_english_files(tmp_path, monkeypatch):
     assert c.name == "fortunes"
     text = c.decode(torch.cat([c.train, c.valid, c.test]))
     assert text == "First file.\n\nSecond file.\nAnother one."  # sorted files, % lines gone, no index
+
+
+def test_downsampling_averages_blocks_for_the_sequential_pixel_experiment():
+    from experiments.data import downsample
+
+    x = torch.arange(16, dtype=torch.float32).reshape(1, 16) / 15  # one 4 x 4 image
+    d = downsample(x, (4, 4))
+    assert d.shape == (1, 4)
+    assert torch.allclose(d * 15, torch.tensor([[2.5, 4.5, 10.5, 12.5]]))  # (0+1+4+5)/4, (2+3+6+7)/4, ...
+    with pytest.raises(ValueError, match="a factor dividing"):
+        downsample(x, (4, 4), 3)
