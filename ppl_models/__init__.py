@@ -19,6 +19,7 @@ from ppl_models.diffusion import BernoulliDiffusion, DiffusionPair
 from ppl_models.draw import DRAWGenerator
 from ppl_models.gaussian_diffusion import GaussianDiffusion
 from ppl_models.gpsi import GPSI
+from ppl_models.gru_generator import GRUGenerator
 from ppl_models.gsn_chain import GSNChain
 from ppl_models.imputation_policy import ImputationPolicy
 from ppl_models.linear_gaussian import GuideParams, LinearGaussianChain
@@ -30,6 +31,7 @@ from ppl_models.vae import VAE, vae_impute
 from ppl_models.walkback import VariationalWalkback
 
 __all__ = [
+    "GRUGenerator",
     "ModelGuidePair",
     "ModelSpec",
     "build_model",

@@ -22,6 +22,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ppl_models.base import ModelGuidePair, register_model
+
 OUTPUTS = ("bernoulli", "categorical")
 
 
@@ -34,18 +36,25 @@ class Behaviour(NamedTuple):
     x: torch.Tensor
 
 
-class GRUGenerator(nn.Module):
-    """A one-layer GRU over a sequence of pixels or characters (see the module docstring).
+class GRUGenerator(ModelGuidePair):
+    """A one-layer GRU over a sequence of pixels or characters (see the module docstring); registered as
+    ``gru-pixels`` and ``gru-chars``. It has no latent variables: its guide is empty.
 
+    :param x_dim: the sequence length :meth:`sample` draws (pixels: the image's).
     :param output: "bernoulli" (binary values) or "categorical" (indices in 0..vocab − 1).
     :param hidden: the GRU's state size.
     :param vocab: the alphabet's size (categorical only).
     :param embed: the character embedding's size (categorical only).
     """
 
-    def __init__(self, output: str = "categorical", hidden: int = 256, vocab: int = 2,
+    param_prefix = "gru_generator"
+
+    def __init__(self, x_dim: int = 1, output: str = "categorical", hidden: int = 256, vocab: int = 2,
                  embed: int = 32) -> None:
         super().__init__()
+        if x_dim < 1:
+            raise ValueError(f"x_dim (the sampled length) must be >= 1, got {x_dim}")
+        self.x_dim = x_dim
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if hidden < 1 or (output == "categorical" and (vocab < 2 or embed < 1)):
@@ -63,6 +72,7 @@ class GRUGenerator(nn.Module):
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The inputs of steps 1 … L under teacher forcing: the start input, then x_1 … x_{L−1}."""
         if self.output == "categorical":
+            x = x.long()  # indices may arrive as floats (data tensors are float elsewhere in the library)
             start = torch.full_like(x[:, :1], self.vocab)
             return self.embed(torch.cat([start, x[:, :-1]], 1))
         x = x.to(self.head.weight.dtype)
@@ -110,7 +120,7 @@ class GRUGenerator(nn.Module):
     def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
         """Σ_t log p(x_t | x_<t) per sequence (N,), by teacher forcing."""
         b = self.teacher_forced(x)
-        target = x.to(b.logits.dtype) if self.output == "bernoulli" else x
+        target = x.to(b.logits.dtype) if self.output == "bernoulli" else x.long()
         return self._dist(b.logits).log_prob(target).sum(-1)
 
     def model(self, x: torch.Tensor | None = None, num_samples: int | None = None,
@@ -118,9 +128,10 @@ class GRUGenerator(nn.Module):
         """The Pyro model: sites ``x_1`` … ``x_L`` under :func:`pyro.markov`, observed from ``x`` (teacher
         forcing: the GRU reads the data) or, without ``x``, sampled and fed back (``num_samples`` sequences of
         ``length``). Returns the sequence."""
-        pyro.module("gru_generator", self)
-        if x is None and (num_samples is None or length is None):
-            raise ValueError("the model needs data x, or num_samples and length to run free")
+        pyro.module(self.param_prefix, self)
+        length = self.x_dim if length is None else length
+        if x is None and num_samples is None:
+            raise ValueError("the model needs data x, or num_samples to run free")
         if x is not None:
             n, length = x.shape
             logits = self.teacher_forced(x).logits
@@ -131,7 +142,7 @@ class GRUGenerator(nn.Module):
             for t in pyro.markov(range(length)):
                 if x is not None:  # teacher forcing: the logits of the GRU run on the data
                     step_logits = logits[:, t]
-                    obs = x[:, t].to(step_logits.dtype) if self.output == "bernoulli" else x[:, t]
+                    obs = x[:, t].to(step_logits.dtype) if self.output == "bernoulli" else x[:, t].long()
                 else:  # free running: the step reads the previous site's sample
                     _, h, step_logits = self._step(x_t, h, n)
                     obs = None
@@ -142,3 +153,23 @@ class GRUGenerator(nn.Module):
     def guide(self, x: torch.Tensor | None = None, num_samples: int | None = None,
               length: int | None = None) -> None:
         """No latent variables: every site is observed under teacher forcing."""
+
+    @property
+    def latent_sites(self) -> tuple[str, ...]:
+        return ()
+
+    def guide_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """Free runs of ``x_dim`` steps: for pixels the probability of each pixel given the sampled ones
+        before it (the image's means), for characters the sampled indices."""
+        b = self.free_running(num_samples, self.x_dim)
+        return torch.sigmoid(b.logits) if self.output == "bernoulli" else b.x
+
+
+register_model("gru-pixels", GRUGenerator, kind="generator", output="bernoulli",
+               about="professor forcing's GRU generator over binary pixels read in order (Goyal 2017, ch. 2)")
+register_model("gru-chars", GRUGenerator, kind="generator", output="categorical",
+               about="professor forcing's GRU generator over characters (Goyal 2017, ch. 2)")

@@ -14,7 +14,7 @@ from ppl_models.masks import make_mask_process
 
 D = 64  # 8x8 images
 #: models whose guide has no parameters of its own (a fixed process, or the model's operator detached)
-FIXED_GUIDES = {"diffusion-bernoulli", "diffusion-gaussian", "walkback"}
+FIXED_GUIDES = {"diffusion-bernoulli", "diffusion-gaussian", "walkback", "gru-pixels", "gru-chars"}
 
 SIZES = {
     "vae": {"z_dim": 3, "hidden": (16,)},
@@ -23,6 +23,8 @@ SIZES = {
     "diffusion-gaussian": {"num_steps": 3, "channels": 8, "groups": 4, "embed_dim": 8},
     "miwae": {"z_dim": 3, "hidden": (16,)},
     "walkback": {"hidden": (16,), "t_max": 4.0, "max_extra": 0},
+    "gru-pixels": {"hidden": 8},
+    "gru-chars": {"hidden": 8, "vocab": 2, "embed": 3},
     "gpsi-add": {"z_dim": 4, "hidden": (16,), "num_steps": 3},
     "gpsi-jump": {"z_dim": 4, "hidden": (16,), "num_steps": 3},
     "lstm-add": {"z_dim": 4, "z0_dim": 3, "lstm_dim": 12, "mix_hidden": 10, "num_steps": 3},

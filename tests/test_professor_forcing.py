@@ -43,7 +43,7 @@ def test_the_gates_open_and_close_at_the_stated_accuracies():
 
 def test_the_term_follows_its_gates(monkeypatch):
     torch.manual_seed(0)
-    gen = GRUGenerator("categorical", hidden=6, vocab=4, embed=3)
+    gen = GRUGenerator(5, "categorical", hidden=6, vocab=4, embed=3)
     pf = ProfessorForcing(gen, hidden=5, mlp=5)
     x = torch.randint(0, 4, (8, 5))
     calls = []
@@ -70,7 +70,7 @@ def test_the_term_follows_its_gates(monkeypatch):
 
 def test_the_adversarial_gradient_reaches_the_generator_through_its_behaviour():
     torch.manual_seed(1)
-    gen = GRUGenerator("bernoulli", hidden=6)
+    gen = GRUGenerator(7, "bernoulli", hidden=6)
     pf = ProfessorForcing(gen, hidden=5, mlp=5, generator_gate=0.0)  # always on
     term = pf.generator_loss(torch.randint(0, 2, (6, 7)))
     grads = torch.autograd.grad(term, list(gen.parameters()), allow_unused=True)
@@ -81,7 +81,7 @@ def test_the_two_optimisers_never_touch_each_others_networks(tmp_path):
     from inference.train import Trainer
 
     torch.manual_seed(2)
-    gen = GRUGenerator("categorical", hidden=6, vocab=4, embed=3)
+    gen = GRUGenerator(5, "categorical", hidden=6, vocab=4, embed=3)
     pf = ProfessorForcing(gen, hidden=5, mlp=5, generator_gate=0.0)  # the adversarial term on every step
     d_ids = {id(p) for p in pf.module.parameters()}
     g_ids = {id(p) for p in gen.parameters()}
@@ -101,7 +101,7 @@ def test_the_two_optimisers_never_touch_each_others_networks(tmp_path):
 
 
 def test_bad_settings_are_clear_errors():
-    gen = GRUGenerator("bernoulli", hidden=4)
+    gen = GRUGenerator(7, "bernoulli", hidden=4)
     with pytest.raises(ValueError, match="gates must be accuracies"):
         ProfessorForcing(gen, generator_gate=1.5)
     with pytest.raises(ValueError, match="must be >= 1"):
