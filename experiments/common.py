@@ -26,7 +26,7 @@ from ppl_models.vae import VAE
 
 #: Command-line options that are not configuration.
 NOT_CONFIG = {"preset", "out", "data_dir", "device", "resume", "force", "no_progress", "variants", "masks",
-              "methods", "no_sweep", "report_only", "method", "mask", "set", "redo_finetune"}
+              "methods", "no_sweep", "report_only", "method", "mask", "set", "redo_finetune", "text"}
 
 
 def resolve_config(experiment: str, args: argparse.Namespace) -> dict[str, Any]:

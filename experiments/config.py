@@ -525,10 +525,74 @@ class WalkbackPreset(Preset):
     SHORTHANDS: ClassVar[dict[str, str]] = {"seed": "seed", "eval_limit": "eval_limit"}
 
 
+@dataclass
+class SequenceData:
+    """The sequences: ``kind`` "text" (characters of ``text_file``, null: the fortunes corpus, cut into
+    non-overlapping sequences of ``seq_len``) or "pixels" (the preset's data set binarised and read pixel by
+    pixel, block-averaged by ``downsample`` first: 1 keeps 28 x 28, 2 gives 14 x 14); ``max_train`` /
+    ``max_eval`` cap the sequences used (0 = all)."""
+
+    kind: str = one_of("text", "pixels")
+    text_file: str | None = _req(default=None)
+    seq_len: int = at_least(2)
+    downsample: int = at_least(1)
+    max_train: int = at_least(0)
+    max_eval: int = at_least(0)
+
+
+@dataclass
+class GRUSizes:
+    """ppl_models.gru_generator.GRUGenerator: the GRU's ``hidden`` size, the character ``embed`` size."""
+
+    hidden: int = at_least(1)
+    embed: int = at_least(1)
+
+
+@dataclass
+class ProfessorTerm:
+    """inference.professor_forcing.ProfessorForcing: D's GRU ``hidden`` size and ``mlp`` width, its Adam
+    ``lr``, the adversarial terms' ``weight``, C_t with ``teacher_term``, the gates (accuracies)."""
+
+    hidden: int = at_least(1)
+    mlp: int = at_least(1)
+    lr: float = positive()
+    weight: float = _req(0)
+    teacher_term: bool = False
+    generator_gate: float = _req(0)
+    freeze_gate: float = _req(0)
+
+
+@dataclass
+class ProfessorEval:
+    """Test NLL in batches of ``batch_size``; ``num_samples`` free runs of ``sample_factor`` × the training
+    length (text) or of whole images (pixels); hidden states of ``state_sequences`` test sequences under
+    teacher forcing against as many free runs, ``tsne_points`` of each drawn with t-SNE."""
+
+    batch_size: int = at_least(1)
+    num_samples: int = at_least(1)
+    sample_factor: int = at_least(1)
+    state_sequences: int = at_least(2)
+    tsne_points: int = at_least(10)
+
+
+@dataclass
+class ProfessorForcingPreset(Preset):
+    """experiments.professor_forcing: teacher against professor forcing, side by side from one seed."""
+
+    #: which to train: teacher (NLL only), professor (NLL + C_f, + C_t with professor.teacher_term)
+    variants: list[str] = required()
+    data: SequenceData = field(default_factory=SequenceData)
+    model: GRUSizes = field(default_factory=GRUSizes)
+    train: Train = field(default_factory=Train)
+    professor: ProfessorTerm = field(default_factory=ProfessorTerm)
+    eval: ProfessorEval = field(default_factory=ProfessorEval)
+
+
 #: Experiment name -> its preset schema.
 SCHEMAS: dict[str, type[Preset]] = {"vae": VAEPreset, "draw": DrawPreset, "imputation": ImputationPreset,
                                     "gsn": GSNPreset, "diffusion": DiffusionPreset,
-                                    "walkback": WalkbackPreset}
+                                    "walkback": WalkbackPreset,
+                                    "professor_forcing": ProfessorForcingPreset}
 
 
 # --------------------------------------------------------------------------------------------- loading
