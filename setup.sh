@@ -15,19 +15,24 @@ fi
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
 .venv/bin/python -m pip install -q -e ".[test]"
 
+# Install a Debian package where this machine can (as root, or with passwordless sudo), else do nothing.
+apt_install() {
+    local sudo=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo"; fi
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; }; then
+        $sudo apt-get install -y -q "$1" >/dev/null 2>&1 \
+            || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q "$1" >/dev/null; } \
+            || echo "setup: WARNING: apt-get could not install $1" >&2
+    fi
+}
+
 # Fashion-MNIST: the experiments read IDX .gz files from --data-dir, $SEQGEN_FASHION_MNIST_DIR, or the
 # Debian location. Nothing downloads at run time, so install them now if we can.
 FMNIST_DIR=${SEQGEN_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 if [ -f "$FMNIST_DIR/t10k-images-idx3-ubyte.gz" ] || [ -f "$FMNIST_DIR/t10k-images-idx3-ubyte" ]; then
     echo "setup: Fashion-MNIST found in $FMNIST_DIR"
 else
-    SUDO=""
-    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo"; fi
-    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; then
-        $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-            || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
-            || echo "setup: WARNING: apt-get could not install dataset-fashion-mnist" >&2
-    fi
+    apt_install dataset-fashion-mnist
     if [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
         echo "setup: Fashion-MNIST installed in /usr/share/datasets/fashion-mnist"
     else
@@ -45,13 +50,7 @@ fi
 if [ -d /usr/share/games/fortunes ]; then
     echo "setup: fortunes corpus found in /usr/share/games/fortunes"
 else
-    SUDO=""
-    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo"; fi
-    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; then
-        $SUDO apt-get install -y -q fortunes >/dev/null 2>&1 \
-            || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q fortunes >/dev/null; } \
-            || echo "setup: WARNING: apt-get could not install fortunes" >&2
-    fi
+    apt_install fortunes
     if [ -d /usr/share/games/fortunes ]; then
         echo "setup: fortunes corpus installed in /usr/share/games/fortunes"
     else

@@ -44,7 +44,13 @@ from tqdm import tqdm
 
 from experiments.common import batched, build_registered, train_best, write_form_run
 from experiments.data import Dataset, binarization_protocol, dynamic_binarize, fixed_binarize, load_dataset
-from experiments.report import markdown_table, save_curves, save_image_grid, write_report
+from experiments.report import (
+    markdown_table,
+    save_curves,
+    save_image_grid,
+    save_inpainting_grid,
+    write_report,
+)
 from experiments.runner import Experiment, RunContext
 from inference.diffusion_elbo import SubsampledDiffusionELBO
 from inference.diffusion_simple import SimpleDiffusionLoss
@@ -193,10 +199,9 @@ def figures(pair: DiffusionPair, form: str, samples: torch.Tensor, config: dict[
         x = fixed_binarize(x)
     mask = make_mask_process(ev["inpaint_mask"], shape)(x, torch.Generator(x.device).manual_seed(0))
     filled = pair.inpaint(x, mask, steps)
-    grid = torch.stack([x, mask * x + (1 - mask) * 0.5, filled], 1).reshape(-1, x.shape[1])
-    save_image_grid(grid, shape, out / f"inpaint_{form}.png", ncol=6,
-                    title=f"{form}: inpainting under {ev['inpaint_mask']}; per image: original | known "
-                          "pixels (grey: missing) | imputed")
+    save_inpainting_grid(x, mask, filled, shape, out / f"inpaint_{form}.png",
+                         title=f"{form}: inpainting under {ev['inpaint_mask']}; per image: original | known "
+                               "pixels (grey: missing) | imputed")
 
 
 def save_form_curves(form: str, config: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> None:

@@ -157,6 +157,13 @@ def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: st
     plt.close(fig)
 
 
+def save_inpainting_grid(x: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor,
+                         image_shape: tuple[int, int], path: str | os.PathLike, title: str) -> None:
+    """Two inpainted images per row, each as original | known pixels (missing ones grey) | imputed."""
+    grid = torch.stack([x, mask * x + (1 - mask) * 0.5, filled], 1).clamp(0, 1).reshape(-1, x.shape[1])
+    save_image_grid(grid, image_shape, path, ncol=6, title=title)
+
+
 def save_curves(metrics: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | os.PathLike,
                 ylabel: str = "nats per image", title: str | None = None,
                 secondary: Sequence[str] = (), secondary_label: str = "") -> None:

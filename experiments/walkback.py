@@ -60,7 +60,13 @@ from experiments.data import (
     ring_mixture_log_density,
 )
 from experiments.diffusion import GREY_LEVELS
-from experiments.report import markdown_table, save_curves, save_image_grid, write_report
+from experiments.report import (
+    markdown_table,
+    save_curves,
+    save_image_grid,
+    save_inpainting_grid,
+    write_report,
+)
 from experiments.runner import Experiment, RunContext
 from inference.fd_classifier import (
     CLASSIFIERS,
@@ -283,10 +289,7 @@ def continue_at_t1(pair: VariationalWalkback, states: torch.Tensor, steps: int, 
     last means (``mean=False``: drawn states), or every ``every``-th step's, per batch."""
     outs = []
     for i in range(0, states.shape[0], batch_size):
-        s = states[i : i + batch_size]
-        K, temps = pair.walk_steps, pair.temperatures()
-        for t in range(K, 0, -1):
-            s = pair.operator(s, temps[t - 1]).sample()
+        s = pair.cool(states[i : i + batch_size], mean=False)  # a drawn s_0 to continue from
         outs.append(pair.run(s, steps, every=every, mean=mean))
     if every is not None:
         return [torch.cat([o[j] for o in outs]) for j in range(len(outs[0]))]
@@ -320,10 +323,10 @@ def figures(pair: VariationalWalkback, form: str, config: dict[str, Any], fd: di
     x = fd["test"][: ev["inpaint_images"]]
     mask = make_mask_process(ev["inpaint_mask"], shape)(x, torch.Generator(x.device).manual_seed(0))
     filled = pair.inpaint(x, mask)
-    grid = torch.stack([x, mask * x + (1 - mask) * 0.5, filled], 1).clamp(0, 1).reshape(-1, x.shape[1])
-    save_image_grid(grid, shape, out / f"inpaint_{form}.png", ncol=6,
-                    title=f"{form}: inpainting under {ev['inpaint_mask']} (known pixels clamped at every "
-                          "step of the cooling walk); per image: original | known (grey: missing) | imputed")
+    save_inpainting_grid(x, mask, filled, shape, out / f"inpaint_{form}.png",
+                         title=f"{form}: inpainting under {ev['inpaint_mask']} (known pixels clamped at "
+                               "every step of the cooling walk); per image: original | known (grey: missing) "
+                               "| imputed")
 
 
 def toy_density_figure(pair: VariationalWalkback, config: dict[str, Any], fd: dict[str, Any],

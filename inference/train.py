@@ -277,7 +277,8 @@ class Trainer:
         for extra in self.extras:
             extra.module.to(self.device)
         self.mode, self.pyro_optim, self.optimizer = self._build_optimizer(optimizer)
-        if callable(getattr(loss, "online_losses", None)):
+        self._online = callable(getattr(loss, "online_losses", None))
+        if self._online:
             adding = [_extra_name(e) for e in self.extras
                       if type(e).generator_loss is not ExtraTerm.generator_loss]
             if self.mode != "svi" or adding:
@@ -439,7 +440,7 @@ class Trainer:
     def _main_step(self, batch: Batch, epoch: int) -> tuple[float, dict[str, float]]:
         """One optimiser step; returns the batch's (summed) ELBO loss and generator-loss terms."""
         args = batch if isinstance(batch, tuple) else (batch,)
-        if self.mode == "svi" and callable(getattr(self.loss, "online_losses", None)):
+        if self._online:  # SVI mode, checked at construction
             return self._online_step(args, epoch)
         if self.mode == "svi":
             return self._svi_step(batch, args, epoch)
