@@ -276,6 +276,23 @@ def evaluate_form(pair: VariationalWalkback, form: str, config: dict[str, Any], 
 
 
 @torch.no_grad()
+@torch.no_grad()
+def bound_terms(pair: VariationalWalkback, x: torch.Tensor) -> list[dict[str, Any]]:
+    """Eq. 3.5 site by site on one heated path per row of ``x`` at the pair's current walk: the mean ln p
+    (model) and ln q (guide) of each state s_K … s_0 (sites z_0 … z_{K−1}, x; s_K's ln p is ln p*(s_K), and
+    s_0 = x has no ln q) — where the bound is lost, e.g. p* far from the heated end states."""
+    import pyro.poutine as poutine
+
+    guide = poutine.trace(pair.guide).get_trace(x)
+    model = poutine.trace(poutine.replay(pair.model, trace=guide)).get_trace(x)
+    guide.compute_log_prob()
+    model.compute_log_prob()
+    K = pair.walk_steps
+    return [{"state": f"s_{K - k}", "site": name, "log_p": float(model.nodes[name]["log_prob"].mean()),
+             "log_q": float(guide.nodes[name]["log_prob"].mean()) if name in guide.nodes else 0.0}
+            for k, name in enumerate([*pair.latent_sites, "x"])]
+
+
 def discrete_bits_per_dim(ll: float, dims: int, levels: int) -> float:
     """Bits/dim of the L-level images that a continuous density's log-likelihood ``ll`` (nats, on the
     dequantised points (k + u) / L in [0, 1]^D) bounds: log P(k) ≥ log p(x) − D log L, so

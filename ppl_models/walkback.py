@@ -38,8 +38,8 @@ walks visit (a longer walk's steps at T_max share the hottest), the T = 1 steps 
 ``alpha``. ``norm="layer"`` (the default) normalises each example by its own statistics;
 ``norm="batch"`` is the thesis' batch normalisation, whose batch statistics make the operator another
 function in the heating call (on s_{t−1}) than in the cooling call (on s_t) and another in evaluation
-(running averages) than in training — on digits, with one batch norm per walk step, the evaluated bound
-of the same weights was 29 nats below the training-mode one, which is why it is not the default:
+(running averages) than in training — on digits it did worse than layer norm (the walkback experiment's
+``*-batchnorm`` ablations), which is why it is not the default:
 
 - Bernoulli, binary states: ρ = σ(((1 − α) s + α F(s)) / T) per pixel;
 - Gaussian, real states: μ = (1 − α) s + α F(s), standard deviation √T · softplus(F_σ(s)) — the noise
