@@ -80,6 +80,10 @@ def sequences(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     data = load_dataset(config["dataset"], ctx.data_dir)
     f = d["downsample"]
     shape = (data.image_shape[0] // f, data.image_shape[1] // f)
+    if d["seq_len"] != shape[0] * shape[1]:  # a report must not state a length that did not run
+        raise ValueError(f"data.seq_len is {d['seq_len']}, but pixel sequences are whole {shape[0]} x "
+                         f"{shape[1]} images of {config['dataset']} at data.downsample={f}: set "
+                         f"data.seq_len={shape[0] * shape[1]}")
     small = {split: downsample(getattr(data, split), data.image_shape, f)
              for split in ("train", "valid", "test")}
     return {"train": cap(small["train"], d["max_train"]), "transform": dynamic_binarize,

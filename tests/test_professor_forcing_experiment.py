@@ -42,7 +42,7 @@ def test_the_experiment_runs_on_a_text_file_and_reports_what_it_measured(tmp_pat
 
 def test_the_experiment_runs_on_pixels(tmp_path):
     assert _run(tmp_path, "--set", "data.kind=pixels", "--set", "data.downsample=2",
-                "--set", "variants=[teacher]") == 0
+                "--set", "data.seq_len=16", "--set", "variants=[teacher]") == 0
     v = json.loads((tmp_path / "results.json").read_text())["variants"]["teacher"]
     assert v["unit"] == "nats per image" and v["samples"]["length"] == 16  # 8 x 8 digits at 4 x 4
     assert (tmp_path / "samples_teacher.png").stat().st_size > 1000
@@ -57,3 +57,5 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("x" * 100, encoding="utf-8")  # 5 valid characters: no sequence of 12
     assert _run(tmp_path / "c", "--text", str(tmp_path / "short.txt")) == 2
     assert "sequence length must be an integer" in capsys.readouterr().err
+    assert _run(tmp_path / "d", "--set", "data.kind=pixels", "--set", "data.downsample=2") == 2  # 12 != 16
+    assert "data.seq_len is 12, but pixel sequences are whole 4 x 4 images" in capsys.readouterr().err
