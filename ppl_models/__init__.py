@@ -18,6 +18,7 @@ from ppl_models.base import ModelGuidePair, ModelSpec, build_model, model_names,
 from ppl_models.diffusion import BernoulliDiffusion, DiffusionPair
 from ppl_models.draw import DRAWGenerator
 from ppl_models.gaussian_diffusion import GaussianDiffusion
+from ppl_models.gcrl import GCRLGenerator
 from ppl_models.gpsi import GPSI
 from ppl_models.gru_generator import GRUGenerator
 from ppl_models.gsn_chain import GSNChain
@@ -31,6 +32,7 @@ from ppl_models.vae import VAE, vae_impute
 from ppl_models.walkback import VariationalWalkback
 
 __all__ = [
+    "GCRLGenerator",
     "GRUGenerator",
     "ModelGuidePair",
     "ModelSpec",
