@@ -588,11 +588,100 @@ class ProfessorForcingPreset(Preset):
     eval: ProfessorEval = field(default_factory=ProfessorEval)
 
 
+@dataclass
+class GCRLAgentSizes:
+    """ppl_models.gcrl.GCRLGenerator: H ``steps``, A ``actions``; the proposal U-Net's ``channels`` per level
+    times ``mult``, ``groups`` of group norm and the step/selection embedding ``embed_dim``; the selection and
+    Q-networks' width ``select_channels``; κ ``kappa``, Sec. 3.2's exploration penalty."""
+
+    steps: int = at_least(1)
+    actions: int = at_least(2)
+    channels: int = at_least(1)
+    mult: list[int] = _req(1)
+    groups: int = at_least(1)
+    embed_dim: int = at_least(2)
+    select_channels: int = at_least(1)
+    kappa: float = _req(0)
+
+
+@dataclass
+class GCRLTrain:
+    """Alg. 1-2 on the Trainer: ``epochs`` passes over the first ``max_train`` training images (0: all) as
+    goals, minibatches of ``batch_size`` goals (one GC-agent trajectory each, then one update of each network
+    on a replayed minibatch of the same size and one soft target update at rate ``rho``); Adam at ``lr`` for
+    all three networks; the RL loss ℓ_H = ``loss_scale``·‖x_{H+1} − x̃‖²; replay buffers of ``capacity``
+    transitions (R_GC-select, R_S-select) and ``trajectory_capacity`` trajectories (R_S-prop). After each
+    epoch σ² is fit on the first ``sigma2_images`` training images and the bound is computed on the first
+    ``valid_limit`` validation images (a curve: the last epoch is evaluated)."""
+
+    epochs: int = at_least(1)
+    batch_size: int = at_least(1)
+    max_train: int = at_least(0)
+    lr: float = positive()
+    rho: float = positive()
+    loss_scale: float = positive()
+    capacity: int = at_least(1)
+    trajectory_capacity: int = at_least(1)
+    valid_limit: int = at_least(1)
+    sigma2_images: int = at_least(1)
+
+
+@dataclass
+class ConvVAESizes:
+    """ppl_models.conv_vae.ConvVAE: latent ``z_dim`` and ``channels`` per resolution level."""
+
+    z_dim: int = at_least(1)
+    channels: list[int] = _req(1)
+
+
+@dataclass
+class DiffusionRef:
+    """The diffusion baseline, not retrained: the ``run`` directory of an experiments.diffusion Gaussian form
+    (null: no diffusion row), sampled with ``sample_steps`` strided DDIM steps (null: all T ancestral)."""
+
+    run: str | None = required()
+    sample_steps: int | None = at_least(1)
+
+
+@dataclass
+class GCRLEval:
+    """Table 1: MSE and FD-classifier of reconstructions of the first ``recon_images`` test images (0: all),
+    FD-classifier of ``fd_samples`` samples of each method against the first ``fd_reference`` training and
+    test images; the bound (nats) and IWAE-``iw_samples`` on the first ``bound_images`` test images, for the
+    greedy GC-agent and the Boltzmann guide at each temperature of ``taus``; batches of ``batch_size``;
+    ``trajectories`` S-agent trajectories from the same start for Fig. 2."""
+
+    batch_size: int = at_least(1)
+    recon_images: int = at_least(0)
+    fd_samples: int = at_least(2)
+    fd_reference: int = at_least(2)
+    bound_images: int = at_least(1)
+    iw_samples: int = at_least(1)
+    taus: list[float] = positive()
+    trajectories: int = at_least(1)
+
+
+@dataclass
+class GCRLPreset(Preset):
+    """experiments.gcrl: the goal-conditioned RL generator against a convolutional VAE and the diffusion
+    model (Vargas Vieyra & Ménard, Table 1)."""
+
+    agent: GCRLAgentSizes = field(default_factory=GCRLAgentSizes)
+    train: GCRLTrain = field(default_factory=GCRLTrain)
+    vae: ConvVAESizes = field(default_factory=ConvVAESizes)
+    train_vae: Train = field(default_factory=Train)
+    diffusion: DiffusionRef = field(default_factory=DiffusionRef)
+    eval: GCRLEval = field(default_factory=GCRLEval)
+
+    #: Two training sections: --epochs/--lr/--batch-size would be ambiguous, so they are --set keys here.
+    SHORTHANDS: ClassVar[dict[str, str]] = {"seed": "seed", "eval_limit": "eval_limit"}
+
+
 #: Experiment name -> its preset schema.
 SCHEMAS: dict[str, type[Preset]] = {"vae": VAEPreset, "draw": DrawPreset, "imputation": ImputationPreset,
                                     "gsn": GSNPreset, "diffusion": DiffusionPreset,
                                     "walkback": WalkbackPreset,
-                                    "professor_forcing": ProfessorForcingPreset}
+                                    "professor_forcing": ProfessorForcingPreset, "gcrl": GCRLPreset}
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -82,6 +82,8 @@ def _model_of(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             raise ValueError("this directory holds the walkback experiment's 2-D toy, not images: build "
                              "VariationalWalkback(2, **model_sizes) and load its final.pt yourself")
         return "walkback", result["model_sizes"]
+    if result.get("experiment") == "gcrl":  # the GC-RL generator (agent/) or its VAE baseline (vae/)
+        return ("gcrl" if result["form"] == "gcrl" else "conv-vae"), result["model_sizes"]
     if result.get("experiment") == "vae":
         sizes = config.get("model", config)  # the sizes sat at the top level before the one preset schema
         return "vae", {"z_dim": sizes["z_dim"], "hidden": sizes["hidden"]}

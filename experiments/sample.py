@@ -4,8 +4,10 @@
 
 Works for every run :func:`experiments.runs.load_run` can load (the VAE, the sequential generators, the
 variational-GSN chains, the diffusion forms — a form's directory, e.g.
-``results/diffusion-cpu-gaussian/gaussian``, sampled with all T steps — and the imputation policies run
-unconditionally, every pixel missing), and needs no data. Writes into ``--out``:
+``results/diffusion-cpu-gaussian/gaussian``, sampled with all T steps — the goal-conditioned RL generator
+and its convolutional VAE baseline (an ``experiments.gcrl`` run's ``agent/`` and ``vae/``: the S-agent alone
+samples, Alg. 3) and the imputation policies run unconditionally, every pixel missing), and needs no data.
+Writes into ``--out``:
 
 * ``samples.npy``: float32, shape (N, H, W): the decoder means of p's final step for N independent draws (a
   Bernoulli decoder's are probabilities of a pixel being on, not binary draws: threshold or

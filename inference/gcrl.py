@@ -247,4 +247,4 @@ class GCAgentUpdate(ExtraTerm):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         soft_update(agent, self.rho)
-        return {"q_loss": float(q_loss), "q_mean": float(q.detach().mean()), **self.s_loss.last}
+        return {"q_loss": float(q_loss.detach()), "q_mean": float(q.detach().mean()), **self.s_loss.last}

@@ -15,6 +15,7 @@ for the VAE; Mattei & Frellsen (2019) for MIWAE; the linear-Gaussian chain is th
 """
 
 from ppl_models.base import ModelGuidePair, ModelSpec, build_model, model_names, model_spec, register_model
+from ppl_models.conv_vae import ConvVAE
 from ppl_models.diffusion import BernoulliDiffusion, DiffusionPair
 from ppl_models.draw import DRAWGenerator
 from ppl_models.gaussian_diffusion import GaussianDiffusion
@@ -32,6 +33,7 @@ from ppl_models.vae import VAE, vae_impute
 from ppl_models.walkback import VariationalWalkback
 
 __all__ = [
+    "ConvVAE",
     "GCRLGenerator",
     "GRUGenerator",
     "ModelGuidePair",

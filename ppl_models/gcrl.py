@@ -308,14 +308,23 @@ class GCRLGenerator(ModelGuidePair):
                 s = self.transition(s, h, a)
 
     @torch.no_grad()
-    def sample(self, num_samples: int) -> torch.Tensor:
-        """Alg. 3: the S-agent's trajectories from x_1; returns the final step's means clipped to the data's
-        range [0, 1] (the paper returns the final state)."""
+    def sample_path(self, num_samples: int) -> dict[str, torch.Tensor]:
+        """Alg. 3: the S-agent's trajectories from x_1, with no goal and no GC-agent: states (H + 1, N, D) —
+        x_1..x_H and the final mean — and selections (H, N)."""
         x = self.start(num_samples)
+        states, selections = [x], []
         for h in range(1, self.steps + 1):
             a = dist.Categorical(logits=self.select_logits(x, h)).sample()
             x = self.transition(x, h, a)
-        return x.clamp(0, 1)
+            states.append(x)
+            selections.append(a)
+        return {"states": torch.stack(states), "selections": torch.stack(selections)}
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """Alg. 3's final states: the final step's means clipped to the data's range [0, 1] (the paper returns
+        the final state; the Gaussian step's noise is not added)."""
+        return self.sample_path(num_samples)["states"][-1].clamp(0, 1)
 
 
 register_model("gcrl", GCRLGenerator, kind="generator",

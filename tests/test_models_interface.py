@@ -24,6 +24,7 @@ SIZES = {
     "miwae": {"z_dim": 3, "hidden": (16,)},
     "walkback": {"hidden": (16,), "t_max": 4.0, "max_extra": 0},
     "gru-pixels": {"hidden": 8},
+    "conv-vae": {"z_dim": 3, "channels": (4, 8)},
     "gcrl": {"steps": 3, "actions": 4, "channels": 8, "mult": (1, 2), "groups": 4, "embed_dim": 8,
              "select_channels": 4},
     "gru-chars": {"hidden": 8, "vocab": 2, "embed": 3},
