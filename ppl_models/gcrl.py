@@ -31,12 +31,11 @@ call the one S-prop-net in :class:`SAgent`; the GC-agent (:class:`GCAgent`) hold
 target copy of its weights (buffers, moved by the soft update of :mod:`inference.gcrl`).
 
 Symbols to code: H -> ``steps``, A -> ``actions``, α_h -> ``rates[h − 1]``, x_1 -> ``initial`` (zeros),
-S-prop-net_θ -> :class:`ProposalNet` (the project's U-Net, :class:`ppl_models.unet.UNet`, whose
-conditioning vector is Emb(A·h + a) of App. B.1's Eq. 6; the paper concatenates that embedding as an image
-channel instead), S-select-net_φ -> ``SAgent.select``, GC-select-Qnet_ψ -> ``GCAgent.qnet`` (App. B.3: the
-selection network with a dueling head), ψ_target -> ``GCAgent.target``, κ -> ``kappa``, σ² -> the buffer
-``SAgent.log_sigma2`` (set by :meth:`GCRLGenerator.fit_sigma2`: the paper leaves it open), S-prop-net_θ,U ->
-:meth:`GCRLGenerator.unfold`.
+S-prop-net_θ -> :class:`ProposalNet` (the project's U-Net, :class:`ppl_models.unet.UNet`, with App. B.1's
+Eq. 6 embedding Emb(A·h + a) as a second input channel), S-select-net_φ -> ``SAgent.select``,
+GC-select-Qnet_ψ -> ``GCAgent.qnet`` (App. B.3: the selection network with a dueling head), ψ_target ->
+``GCAgent.target``, κ -> ``kappa``, σ² -> the buffer ``SAgent.log_sigma2`` (set by
+:meth:`GCRLGenerator.fit_sigma2`: the paper leaves it open), S-prop-net_θ,U -> :meth:`GCRLGenerator.unfold`.
 """
 
 from __future__ import annotations
@@ -72,19 +71,20 @@ def _steps(h: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
 
 
 class ProposalNet(nn.Module):
-    """S-prop-net_θ(x, h, a) (App. B.1, Eq. 6): a U-Net on the state, conditioned on the step h and on the
-    embedding of the index A·(h − 1) + a, so that it can hold at most H·A distinct proposals."""
+    """S-prop-net_θ(x, h, a) (App. B.1, Eq. 6): a U-Net on the state with the embedding Emb(A·(h − 1) + a),
+    the size of an image, concatenated as a second channel (so it can hold at most H·A distinct proposals);
+    the U-Net's own step embedding sees h too."""
 
     def __init__(self, image_shape: tuple[int, int], steps: int, actions: int, channels: int,
                  mult: tuple[int, ...], groups: int, embed_dim: int) -> None:
         super().__init__()
         self.actions = actions
-        self.code = nn.Embedding(steps * actions, embed_dim)
-        self.unet = UNet(image_shape, channels, mult, groups, embed_dim, cond_dim=embed_dim)
+        self.code = nn.Embedding(steps * actions, image_shape[0] * image_shape[1])
+        self.unet = UNet(image_shape, channels, mult, groups, embed_dim, extra_channels=1)
 
     def forward(self, x: torch.Tensor, h: int | torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         steps = _steps(h, x.shape[0], x.device)
-        return self.unet(x, steps, self.code(self.actions * (steps - 1) + a.long()))
+        return self.unet(x, steps, extra=self.code(self.actions * (steps - 1) + a.long()))
 
 
 class SelectNet(nn.Module):

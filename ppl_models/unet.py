@@ -53,10 +53,13 @@ class UNet(nn.Module):
     up, group norm with ``groups`` groups, ReLU, and the step embedding (``embed_dim``) in every block.
 
     :param cond_dim: size of an optional conditioning vector added to the step embedding (0: none).
+    :param extra_channels: image-sized conditioning maps concatenated to the input on the channel axis (0:
+        none), as the GC-RL proposal network's embedding of (step, selection) (Vargas Vieyra & Ménard,
+        App. B.1).
     """
 
     def __init__(self, image_shape: tuple[int, int], channels: int = 32, mult: tuple[int, ...] = (1, 2, 2, 2),
-                 groups: int = 8, embed_dim: int = 128, cond_dim: int = 0) -> None:
+                 groups: int = 8, embed_dim: int = 128, cond_dim: int = 0, extra_channels: int = 0) -> None:
         super().__init__()
         if channels < 1 or not mult or any(m < 1 for m in mult) or groups < 1 or embed_dim < 2:
             raise ValueError(f"channels >= 1, a non-empty mult of ints >= 1, groups >= 1 and embed_dim >= 2 "
@@ -68,7 +71,8 @@ class UNet(nn.Module):
                                      nn.Linear(embed_dim * 2, embed_dim * 2))
         emb = embed_dim * 2
         widths = [channels * m for m in mult]
-        self.stem = nn.Conv2d(1, widths[0], 3, padding=1)
+        self.extra_channels = extra_channels
+        self.stem = nn.Conv2d(1 + extra_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         c = widths[0]
@@ -84,12 +88,15 @@ class UNet(nn.Module):
             c = w
         self.out_norm, self.out = nn.GroupNorm(min(groups, c), c), nn.Conv2d(c, 1, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: int | torch.Tensor,
-                cond: torch.Tensor | None = None) -> torch.Tensor:
-        """ε̂ for flat images ``x`` (N, H·W) at step(s) ``t``; returns (N, H·W)."""
+    def forward(self, x: torch.Tensor, t: int | torch.Tensor, cond: torch.Tensor | None = None,
+                extra: torch.Tensor | None = None) -> torch.Tensor:
+        """ε̂ for flat images ``x`` (N, H·W) at step(s) ``t``, with the conditioning vector ``cond`` and the
+        ``extra_channels`` maps ``extra`` (N, extra_channels·H·W); returns (N, H·W)."""
         n = x.shape[0]
         H, W = self.image_shape
         h = x.reshape(n, 1, H, W)
+        if self.extra_channels:
+            h = torch.cat([h, extra.reshape(n, self.extra_channels, H, W)], 1)
         pad_h, pad_w = self.padded[0] - H, self.padded[1] - W
         h = F.pad(h, (0, pad_w, 0, pad_h))
         e = step_embedding(t, self.embed_dim, n, x)

@@ -172,7 +172,7 @@ def test_the_bound_is_eq_2_with_the_analytic_categorical_kl_per_step():
     # by hand: the greedy GC-agent's path, −log N(x̃; x_{H+1}, σ²) + Σ_h −log S-select(a_h | x_h, h)
     with torch.no_grad():
         roll = pair.rollout(g)
-        nll = -torch.distributions.Normal(roll["states"][-1], math.sqrt(0.3)).log_prob(g).sum()
+        nll = -torch.distributions.Normal(roll["states"][-1], math.sqrt(pair.sigma2)).log_prob(g).sum()
         path = zip(roll["states"][:-1], roll["selections"], strict=True)
         kl = sum(-torch.log_softmax(pair.select_logits(s, h), -1).gather(-1, a[:, None]).sum()
                  for h, (s, a) in enumerate(path, start=1))
