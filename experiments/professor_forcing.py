@@ -164,6 +164,7 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     ev, unit = config["eval"], seqs["unit"]
     L = seqs["test"].shape[1]
     variants: dict[str, Any] = {}
+    per_sequence: dict[str, torch.Tensor] = {}
     for variant in config["variants"]:
         pyro.set_rng_seed(config["seed"])  # the same start for both variants
         gen = build(config, seqs).to(ctx.device)
@@ -183,6 +184,7 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         nll = test_nll(gen, seqs["test"].to(ctx.device), ev["batch_size"])
         summary = nll_summary(nll)
         scale = 1 / (L * math.log(2)) if unit == "bits per character" else 1.0
+        per_sequence[variant] = nll * scale
         result = {"test_nll": summary["nll"] * scale, "test_nll_stderr": summary["stderr"] * scale,
                   "test_sequences": int(nll.numel()), "unit": unit, "evaluated_epoch": fit["evaluated_epoch"],
                   "epochs": fit["epochs"], "updates": fit["updates"], "seconds_this_process": seconds}
@@ -209,6 +211,10 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         save_variant_curves(variant, fit["metrics"], ctx.out / f"curves_{variant}.png")
     out = {"experiment": EXPERIMENT, "config": config, "data": seqs["describe"], "variants": variants,
            "device": ctx.device, "torch": torch.__version__}
+    if set(per_sequence) == set(VARIANTS):  # the same test sequences: the paired difference is the sharp test
+        diff = per_sequence["professor"] - per_sequence["teacher"]
+        out["paired_difference"] = {**nll_summary(diff), "unit": unit,
+                                    "fraction_professor_lower": float((diff < 0).double().mean())}
     write_report(ctx.out, "results", out, render_markdown(out), config=config, command=ctx.command)
     return out
 
@@ -227,10 +233,17 @@ def render_markdown(r: dict[str, Any]) -> str:
     split = r["data"].get("split_protocol", r["data"].get("splits"))
     header = ["variant", "test NLL ↓", "test sequences", "evaluated epoch", "state centroid distance ↓",
               "free-running to nearest teacher-forced state ↓"]
+    paired = ""
+    if "paired_difference" in r:
+        p = r["paired_difference"]
+        paired = (f"Paired over the same test sequences: professor − teacher = {p['nll']:+.4f} ± "
+                  f"{p['stderr']:.4f} ({p['unit']}; ± the standard error of the per-sequence differences), "
+                  f"professor lower on {100 * p['fraction_professor_lower']:.1f} % of the {p['num']} "
+                  "sequences.")
     return "\n".join([
         f"# Teacher forcing and professor forcing — preset `{c['preset']}`", "",
         f"Data: {what}; split {split}.", "",
-        markdown_table(header, rows), "",
+        markdown_table(header, rows), "", paired, "",
         "Both variants: the same seed and epochs; the epoch with the best validation NLL. Distances are in "
         "the GRU's state space (not t-SNE space), over the states of the first eval.state_sequences test "
         "sequences and as many free runs; the thesis' Fig. 2.3 numbers are of another kind (t-SNE space, "

@@ -38,6 +38,9 @@ def test_the_experiment_runs_on_a_text_file_and_reports_what_it_measured(tmp_pat
     assert logged <= set(metrics[0])
     page = (tmp_path / "out" / "results.md").read_text()
     assert "bits per character" in page and "not t-SNE space" in page
+    d, v = r["paired_difference"], r["variants"]
+    assert d["nll"] == pytest.approx(v["professor"]["test_nll"] - v["teacher"]["test_nll"], abs=1e-9)
+    assert 0 <= d["fraction_professor_lower"] <= 1 and "Paired over the same test sequences" in page
 
 
 def test_the_experiment_runs_on_pixels(tmp_path):
