@@ -66,6 +66,7 @@ def train_agent(pair: GCRLGenerator, config: dict[str, Any], data: Dataset, out:
     validation images. The last epoch's weights are evaluated (the GC-agent and the replay are the hook's
     state, which a best-epoch copy of the S-agent would not match)."""
     t = config["train"]
+    pair.to(device)  # the MDP's buffers (rates, x_1) belong to neither network the Trainer moves
     train = data.train[: t["max_train"] or None].to(device)
     replay = Replay(pair.x_dim, pair.steps, t["capacity"], t["trajectory_capacity"]).to(device)
     loss = SAgentUpdate(pair, train, replay, t["loss_scale"])
@@ -146,11 +147,12 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     n = ev["fd_samples"]
     samplers = {"gcrl": pair.sample, "vae": vae.sample}
     steps = {"gcrl": pair.steps, "vae": 1}
-    diffusion = None
+    diffusion, trained_steps = None, None
     if config["diffusion"]["run"]:
         diffusion = load_diffusion(config, device)
         samplers["diffusion"] = lambda k: diffusion.sample(k, config["diffusion"]["sample_steps"])
         steps["diffusion"] = len(diffusion.strides(config["diffusion"]["sample_steps"]))
+        trained_steps = diffusion.num_steps
     methods: dict[str, Any] = {}
     samples: dict[str, torch.Tensor] = {}
     for name, draw in samplers.items():
@@ -159,6 +161,8 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         entry: dict[str, Any] = {"sampling_steps": steps[name], "sample_seconds": time.time() - t0,
                                  "fd_samples": fd_against_features(classifier, samples[name], reference),
                                  "num_samples": n}
+        if name == "diffusion":  # the model's own ancestral sampler takes all T steps; ours may stride
+            entry["trained_steps"] = trained_steps
         if name in recon:
             entry["mse"] = reconstruction_mse(recon[name].cpu(), goals.cpu())
             entry["fd_reconstructions"] = fd_against_features(classifier, recon[name], goal_features)["test"]
@@ -226,9 +230,14 @@ def render_markdown(r: dict[str, Any]) -> str:
     def fd(v: Any) -> str:
         return "–" if v is None else f"{v:.2f}"
 
+    def steps(e: dict[str, Any]) -> str:
+        if "trained_steps" not in e or e["trained_steps"] == e["sampling_steps"]:
+            return str(e["sampling_steps"])
+        t = e["trained_steps"]
+        return f"{e['sampling_steps']} (strided DDIM; ancestral sampling of this T = {t} model: {t})"
+
     rows = [[names[k], "–" if "mse" not in e else f"{e['mse']:.4f}", fd(e.get("fd_reconstructions")),
-             fd(e["fd_samples"]["train"]), fd(e["fd_samples"]["test"]), e["sampling_steps"]]
-            for k, e in m.items()]
+             fd(e["fd_samples"]["train"]), fd(e["fd_samples"]["test"]), steps(e)] for k, e in m.items()]
     header = ["method", "MSE rec. ↓", "FD-classifier rec. ↓", "FD-classifier samples vs train ↓",
               "FD-classifier samples vs test ↓", "network steps per sample"]
     brows = []

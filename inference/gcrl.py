@@ -140,7 +140,9 @@ def step_losses(pair: GCRLGenerator, final: torch.Tensor, goal: torch.Tensor,
 def double_dqn_target(agent: GCAgent, next_state: torch.Tensor, step: torch.Tensor, goal: torch.Tensor,
                       loss: torch.Tensor, steps: int) -> torch.Tensor:
     """Alg. 2 line 12 with Double DQN: ℓ + Q_ψtarget,b*(x', h + 1, x̃), b* = argmin_b Q_ψ,b(x', h + 1, x̃)
-    (the online network picks, the target network values); ℓ alone after the last step (h = H)."""
+    (the online network picks, the target network values); ℓ alone after the last step (h = H). The pick
+    leaves out the exploration penalty κ log S-select that the acting agent adds: Alg. 2's target is the
+    greedy value of Q alone, so the penalty steers which transitions are collected, not what Q estimates."""
     terminal = step >= steps
     nxt = (step + 1).clamp(max=steps)  # terminal rows are masked below; any valid step will do
     best = agent.q(next_state, nxt, goal).argmin(-1, keepdim=True)
@@ -241,8 +243,7 @@ class GCAgentUpdate(ExtraTerm):
         q = agent.q(t["state"], t["step"], goal).gather(-1, t["selection"][:, None]).squeeze(-1)
         q_loss = F.mse_loss(q, target)
         if not math.isfinite(float(q_loss.detach())):
-            raise FloatingPointError(f"the Q-network's loss is {float(q_loss.detach())}; the last checkpoint "
-                                     "is intact")
+            raise FloatingPointError(f"the Q-network's loss is {float(q_loss.detach())}")
         q_loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

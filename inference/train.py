@@ -186,7 +186,9 @@ class ExtraTerm:
     def step(self, batch: Batch) -> dict[str, float]:
         """
         Update this hook's networks on the (transformed) minibatch the main step just used. Returns
-        scalar metrics, averaged over the epoch's steps into ``metrics.jsonl``.
+        scalar metrics, averaged over the epoch's steps into ``metrics.jsonl``. A hook whose own loss is not
+        finite raises :class:`FloatingPointError` before updating; the trainer stops with
+        :class:`NonFiniteLossError` (the checkpoint on disk is the last good one).
         """
         return {}
 
@@ -394,7 +396,11 @@ class Trainer:
                         # Hooks start clean: generator_loss may have left gradients in their networks.
                         if extra.optimizer is not None:
                             extra.optimizer.zero_grad(set_to_none=True)
-                        terms.update(_prefixed(extra, extra.step(batch)))
+                        try:
+                            terms.update(_prefixed(extra, extra.step(batch)))
+                        except FloatingPointError as e:  # a hook's own loss was not finite: it did not step
+                            path = self.checkpoint_path if self._has_checkpoint else None
+                            raise NonFiniteLossError(epoch, self.step, math.nan, path) from e
                     state["loss_sum"] += loss
                     state["num_points"] += idx.numel()
                     for key, value in terms.items():

@@ -50,8 +50,11 @@ def test_the_state_follows_eq_5_and_the_final_mean_is_the_rate_weighted_sum_of_p
     drawn = torch.stack([trace.nodes[f"z_{h}"]["value"] for h in range(4)], -1)
     torch.testing.assert_close(trace.nodes["x"]["fn"].base_dist.loc, pair.unfold(drawn), rtol=0, atol=1e-6)
     # Other rates are honoured the same way.
-    other = _pair(rates=[1.0, 0.5, 0.25, 0.125])
-    assert float(other.rates[2]) == 0.25
+    other = _pair(rates=[1.0, 0.25, 0.25, 0.5])
+    x = torch.zeros(2, 16)
+    for h, r in enumerate([1.0, 0.25, 0.25, 0.5], start=1):
+        x = x + r * other.s_agent.prop(x, h, a[:, h - 1])
+    torch.testing.assert_close(other.unfold(a), x, rtol=0, atol=1e-6)
 
 
 def test_the_double_dqn_target_takes_the_online_argmin_and_the_target_networks_value():
@@ -133,13 +136,22 @@ def test_the_replay_buffers_store_what_alg_1_records_and_stay_bounded():
     assert replay.prop.data_selections[:3].tolist() == roll["selections"].T.tolist()
     assert replay.prop.data_goal[:3].tolist() == [0, 1, 2]
     torch.testing.assert_close(step_losses(pair, roll["states"][-1], g[:3], 2.0)[-1], final_loss)
-    # bounded: 5 collections of 3 trajectories into room for 10; the oldest go first
-    for i in range(4):
-        loss.collect(g[:3], torch.tensor([3, 4, 5]) if i == 3 else torch.tensor([0, 1, 2]))
-    assert len(replay.prop) == 10 and int(replay.prop.count) == 15
-    assert sorted(replay.prop.data_goal.tolist()).count(3) == 1  # the newest rows are kept
-    rows = replay.gc.sample(50)
-    assert rows["state"].shape == (50, 16) and set(rows["step"].tolist()) <= {1, 2, 3, 4}
+    # sampled rows are stored rows, every field from the same row
+    def stored_row(buf: ReplayBuffer, row: dict) -> bool:
+        return any(all(torch.equal(getattr(buf, f"data_{k}")[j], row[k]) for k in buf.fields)
+                   for j in range(len(buf)))
+
+    for buf in (replay.gc, replay.select, replay.prop):
+        rows = buf.sample(20)
+        assert all(stored_row(buf, {k: v[i] for k, v in rows.items()}) for i in range(20))
+    # bounded: more collections than room; the oldest rows go first in every buffer
+    small = Replay(16, 4, capacity=20, trajectory_capacity=10)
+    loss = SAgentUpdate(pair, g, small)
+    for i in range(5):  # 5 × 3 trajectories: 60 transitions for 20 rows, 15 trajectories for 10
+        loss.collect(g[:3], torch.tensor([3, 4, 5]) if i == 4 else torch.tensor([0, 1, 2]))
+    assert (len(small.gc), len(small.select), len(small.prop)) == (20, 20, 10)
+    assert int(small.gc.count) == 60 and int(small.prop.count) == 15
+    assert small.prop.data_goal.tolist().count(3) == 1 and small.gc.data_goal.tolist().count(3) == 4
 
 
 def test_a_replay_buffer_explains_bad_use():
@@ -177,7 +189,13 @@ def test_the_bound_is_eq_2_with_the_analytic_categorical_kl_per_step():
         kl = sum(-torch.log_softmax(pair.select_logits(s, h), -1).gather(-1, a[:, None]).sum()
                  for h, (s, a) in enumerate(path, start=1))
     assert got == pytest.approx(float(nll + kl), rel=1e-9)
-    # the Boltzmann guide (τ > 0): IWAE-K is at least as tight as its bound, on average over goals
+    # the Boltzmann guide: logits −(Q + κ log S)/τ, the greedy agent as τ → 0
+    x0 = pair.start(4)
+    scores = pair.gc_scores(x0, 1, g)
+    torch.testing.assert_close(pair.gc_policy(x0, 1, g, tau=0.5).logits, torch.log_softmax(-scores / 0.5, -1))
+    cold = pair.gc_policy(x0, 1, g, tau=1e-6).probs
+    torch.testing.assert_close(cold, torch.nn.functional.one_hot(scores.argmin(-1), 3).double())
+    # ... and its IWAE-K is tighter than its bound, on average over goals
     pair.tau = 0.5
     from inference.scoring import score_bound_and_iwae
 
@@ -216,3 +234,41 @@ def test_resume_continues_exactly_with_the_replay_in_the_checkpoint(tmp_path):
     split, _, _ = _train(tmp_path / "split", 3, resume=True)
     for (name, a), b in zip(whole.state_dict().items(), split.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_each_update_touches_only_its_own_networks():
+    pair = _pair()
+    g = _goals(8)
+    replay = Replay(16, 4, capacity=100, trajectory_capacity=20)
+    loss = SAgentUpdate(pair, g, replay)
+    hook = GCAgentUpdate(pair, loss, lr=1e-2, rho=0.06, batch_size=8)
+    loss.differentiable_loss(pair.model, pair.guide, g, torch.arange(8)).backward()
+    assert all(p.grad is None for p in pair.gc_agent.parameters())  # the S-agent's loss never reaches ψ
+    assert any(p.grad is not None for p in pair.s_agent.parameters())
+    for p in pair.s_agent.parameters():
+        p.grad = None
+    s_before = {k: v.clone() for k, v in pair.s_agent.state_dict().items()}
+    t_before = {k: v.clone() for k, v in pair.gc_agent.target_weights().items()}
+    hook.step(None)
+    assert all(torch.equal(v, pair.s_agent.state_dict()[k]) for k, v in s_before.items())
+    assert all(p.grad is None for p in pair.s_agent.parameters())  # the Q-loss never reaches θ, φ
+    online = dict(pair.gc_agent.qnet.named_parameters())
+    for name, b in pair.gc_agent.target_weights().items():  # after the Q step, the target moved by ρ
+        torch.testing.assert_close(b, 0.06 * online[name].detach() + 0.94 * t_before[name])
+
+
+def test_a_non_finite_q_loss_stops_training_cleanly(tmp_path, monkeypatch):
+    from inference.train import NonFiniteLossError
+
+    pair = _pair()
+    x = _goals(16)
+    replay = Replay(16, 4, capacity=100, trajectory_capacity=20)
+    loss = SAgentUpdate(pair, x, replay)
+    hook = GCAgentUpdate(pair, loss, lr=1e-3, rho=0.06, batch_size=8)
+    monkeypatch.setattr(loss, "loss_scale", float("nan"))  # every recorded ℓ_H is NaN
+    trainer = Trainer(pair.model, pair.guide, pair.s_agent, loss, lambda ps: torch.optim.Adam(ps, lr=1e-3),
+                      (x, torch.arange(16)), 8, 1, 0, "cpu", tmp_path, extras=[hook], progress=False)
+    before = {k: v.clone() for k, v in pair.gc_agent.state_dict().items()}
+    with pytest.raises(NonFiniteLossError):
+        trainer.fit()
+    assert all(torch.equal(v, pair.gc_agent.state_dict()[k]) for k, v in before.items())  # ψ not stepped
