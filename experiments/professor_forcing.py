@@ -140,6 +140,26 @@ def state_comparison(gen: GRUGenerator, x: torch.Tensor, points: int, path: Path
     return out
 
 
+@torch.no_grad()
+def long_run_drift(gen: GRUGenerator, x: torch.Tensor, runs: Any, length: int) -> list[dict[str, float]]:
+    """Free runs far beyond the training length, cut into segments of ``length`` steps: per segment, the mean
+    distance from each free-running state to its nearest teacher-forced state (teacher-forced on the test
+    sequences ``x``, in state space) and the mean entropy of the next-character distribution in bits. A run
+    that stays coherent keeps both near the first segment's values; one that drifts off the data's states
+    moves away, one that degenerates into repetition loses entropy."""
+    tf = gen.teacher_forced(x).hidden.reshape(-1, gen.hidden_size)
+    out = []
+    for k in range(runs.hidden.shape[1] // length):
+        part = slice(k * length, (k + 1) * length)
+        states = runs.hidden[:, part].reshape(-1, gen.hidden_size)
+        nearest = torch.cat([torch.cdist(chunk, tf).min(1).values for chunk in states.split(1024)])
+        logp = torch.log_softmax(runs.logits[:, part], -1)
+        entropy = -(logp.exp() * logp).sum(-1).mean() / math.log(2)
+        out.append({"segment": k + 1, "mean_nearest_distance": float(nearest.mean()),
+                    "entropy_bits": float(entropy)})
+    return out
+
+
 def batch_nll(gen: GRUGenerator) -> Any:
     """The validation score of ``train_best``: a block's summed NLL."""
     return lambda x: -gen.log_likelihood(x).sum()
@@ -195,10 +215,12 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             f"free-running (t-SNE of {ev['tsne_points']} each)")
         with torch.no_grad():
             if "corpus" in seqs:
-                runs = gen.free_running(ev["num_samples"], ev["sample_factor"] * L).x.cpu()
-                text = "\n\n----\n\n".join(seqs["corpus"].decode(r) for r in runs)
+                runs = gen.free_running(ev["num_samples"], ev["sample_factor"] * L)
+                text = "\n\n----\n\n".join(seqs["corpus"].decode(r) for r in runs.x.cpu())
                 (ctx.out / f"samples_{variant}.txt").write_text(text, encoding="utf-8")
                 result["samples"] = {"num": ev["num_samples"], "length": ev["sample_factor"] * L}
+                result["long_run"] = long_run_drift(gen, seqs["test"][: ev["state_sequences"]].to(ctx.device),
+                                                    runs, L)
             else:
                 images = torch.sigmoid(gen.free_running(ev["num_samples"], L).logits).cpu()
                 save_image_grid(images, seqs["shape"], ctx.out / f"samples_{variant}.png",
@@ -240,6 +262,22 @@ def render_markdown(r: dict[str, Any]) -> str:
                   f"{p['stderr']:.4f} ({p['unit']}; ± the standard error of the per-sequence differences), "
                   f"professor lower on {100 * p['fraction_professor_lower']:.1f} % of the {p['num']} "
                   "sequences.")
+    drift = ""
+    if v and all("long_run" in x for x in v.values()):
+        segs = [s["segment"] for s in next(iter(v.values()))["long_run"]]
+        drows = [[f"{name}: nearest teacher-forced state ↓",
+                  *(f"{s['mean_nearest_distance']:.3f}" for s in x["long_run"])] for name, x in v.items()]
+        drows += [[f"{name}: next-character entropy (bits)",
+                   *(f"{s['entropy_bits']:.3f}" for s in x["long_run"])] for name, x in v.items()]
+        n_runs = next(iter(v.values()))["samples"]["num"]
+        drift = "\n".join([
+            f"## Free runs {len(segs)} × the training length", "",
+            f"{n_runs} free runs of {len(segs)} × {d['seq_len']} characters per variant (the "
+            f"samples_<variant>.txt files), cut into segments of {d['seq_len']}: per segment, the mean "
+            "distance from each free-running state to its nearest teacher-forced state (the first "
+            "eval.state_sequences test sequences) and the mean entropy of the next-character distribution. "
+            "Coherent runs keep both level along the run.", "",
+            markdown_table(["variant: quantity", *(f"segment {k}" for k in segs)], drows), ""])
     return "\n".join([
         f"# Teacher forcing and professor forcing — preset `{c['preset']}`", "",
         f"Data: {what}; split {split}.", "",
@@ -247,7 +285,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "Both variants: the same seed and epochs; the epoch with the best validation NLL. Distances are in "
         "the GRU's state space (not t-SNE space), over the states of the first eval.state_sequences test "
         "sequences and as many free runs; the thesis' Fig. 2.3 numbers are of another kind (t-SNE space, "
-        "another task): compare directions of change only.", ""])
+        "another task): compare directions of change only.", "", drift])
 
 
 PROFESSOR_EXPERIMENT = Experiment(name=EXPERIMENT, prog="python -m experiments.professor_forcing",

@@ -41,6 +41,11 @@ def test_the_experiment_runs_on_a_text_file_and_reports_what_it_measured(tmp_pat
     d, v = r["paired_difference"], r["variants"]
     assert d["nll"] == pytest.approx(v["professor"]["test_nll"] - v["teacher"]["test_nll"], abs=1e-9)
     assert 0 <= d["fraction_professor_lower"] <= 1 and "Paired over the same test sequences" in page
+    for x in v.values():  # free runs of 3 × 12 characters in three segments of 12
+        assert [s["segment"] for s in x["long_run"]] == [1, 2, 3]
+        assert all(s["mean_nearest_distance"] >= 0 and 0 <= s["entropy_bits"] <= math.log2(40)
+                   for s in x["long_run"])
+    assert "Free runs 3 × the training length" in page
 
 
 def test_the_experiment_runs_on_pixels(tmp_path):
