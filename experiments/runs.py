@@ -135,8 +135,8 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     name, sizes = _model_of(result)
     weights = path / result.get("weights_file", BEST_NAME)  # a run evaluated at its last epoch names its file
     if not weights.is_file():
-        raise FileNotFoundError(f"--run {path}: no {BEST_NAME} (the trained weights); the run's results page "
-                                f"names the command that makes it")
+        raise FileNotFoundError(f"--run {path}: no {weights.name} (the trained weights); the run's results "
+                                f"page names the command that makes it")
     dataset = result["config"]["dataset"]
     shape = _image_shape(path, dataset)
     module = build_registered(name, sizes, shape[0] * shape[1])

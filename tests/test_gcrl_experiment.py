@@ -51,7 +51,8 @@ def test_the_experiment_reports_table_1_and_the_bound_and_saves_loadable_runs(tm
 
 
 def test_a_diffusion_run_of_another_kind_is_a_clear_error(tmp_path, capsys):
-    assert _run(tmp_path / "a", "--set", "diffusion.run=results/walkback-cpu-gaussian/gaussian") == 2
+    # a committed diffusion run, but of Fashion-MNIST
+    assert _run(tmp_path / "a", "--set", "diffusion.run=results/diffusion-cpu-gaussian/gaussian") == 2
     err = capsys.readouterr().err
     assert "the baseline must be a diffusion-gaussian run on digits" in err
     with pytest.raises(SystemExit):
