@@ -15,18 +15,21 @@ Protocol (stated in every output): text is the corpus of :func:`experiments.data
 90/5/5 by position, cut into non-overlapping sequences of ``data.seq_len`` characters, scored in bits per
 character; pixels are the data set's images (block-averaged by ``data.downsample``), binarised afresh for
 every training batch and once with the fixed seed for scoring, in nats per image. Both variants train the
-same number of epochs from the same seed, and the epoch with the best validation NLL is evaluated. The
+same number of epochs from the same seed, and the epoch with the best validation NLL is evaluated (on every
+validation sequence, up to ``data.max_eval``: ``train.valid_limit`` is not used by this experiment). The
 hidden-state comparison is computed in the GRU's state space (not in t-SNE space): the distance between the
 centroids of the teacher-forced and free-running states, and the mean distance from each free-running state
 to its nearest teacher-forced state; t-SNE only draws them.
 
 Outputs in ``--out``: results.json / results.md, per variant a directory with config.json, metrics.jsonl,
-checkpoint.pt, best.pt and result.json, and the figures curves_<variant>.png (NLL, discriminator accuracy,
+checkpoint.pt, best.pt and result.json (and for professor forcing gates.jsonl: D's accuracy and both gates at
+every step), and the figures curves_<variant>.png (NLL, discriminator accuracy,
 gates), states_<variant>.png (t-SNE), samples_<variant>.png (pixels) or samples_<variant>.txt (text).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 import time
@@ -41,6 +44,7 @@ from experiments.common import batched, build_registered, train_best
 from experiments.data import downsample, dynamic_binarize, fixed_binarize, load_dataset, load_text_corpus
 from experiments.report import markdown_table, save_curves, save_image_grid, write_json, write_report
 from experiments.runner import Experiment, RunContext
+from inference.checkpoint import atomic_write
 from inference.professor_forcing import ProfessorForcing
 from inference.scoring import nll_summary
 from ppl_models.gru_generator import GRUGenerator
@@ -200,6 +204,9 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
                          seqs["transform"], (seqs["valid"].to(ctx.device),), out, ctx.device, resume,
                          ctx.progress, extras=extras)
         seconds = time.time() - t0
+        if extras:  # D's accuracy and both gates at every step (metrics.jsonl holds the epoch means)
+            text = "".join(json.dumps(row) + "\n" for row in extras[0].history)
+            atomic_write(out / "gates.jsonl", lambda f, t=text: f.write(t), binary=False)
         pyro.set_rng_seed(config["seed"] + 1)
         nll = test_nll(gen, seqs["test"].to(ctx.device), ev["batch_size"])
         summary = nll_summary(nll)
@@ -252,14 +259,17 @@ def render_markdown(r: dict[str, Any]) -> str:
                 f"sequences of {d['seq_len']}")
     else:
         what = f"{c['dataset']} binarised, {r['data']['image_shape']} pixels read in order"
+    if d["max_train"] or d["max_eval"]:
+        what += (f"; capped to the first {d['max_train'] or 'all'} training and {d['max_eval'] or 'all'} "
+                 "validation and test sequences")
     split = r["data"].get("split_protocol", r["data"].get("splits"))
     header = ["variant", "test NLL ↓", "test sequences", "evaluated epoch", "state centroid distance ↓",
               "free-running to nearest teacher-forced state ↓"]
     paired = ""
     if "paired_difference" in r:
         p = r["paired_difference"]
-        paired = (f"Paired over the same test sequences: professor − teacher = {p['nll']:+.4f} ± "
-                  f"{p['stderr']:.4f} ({p['unit']}; ± the standard error of the per-sequence differences), "
+        paired = (f"Paired over the same test sequences: professor − teacher = {p['nll']:+.5f} ± "
+                  f"{p['stderr']:.5f} ({p['unit']}; ± the standard error of the per-sequence differences), "
                   f"professor lower on {100 * p['fraction_professor_lower']:.1f} % of the {p['num']} "
                   "sequences.")
     drift = ""

@@ -82,6 +82,12 @@ def _model_of(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             raise ValueError("this directory holds the walkback experiment's 2-D toy, not images: build "
                              "VariationalWalkback(2, **model_sizes) and load its final.pt yourself")
         return "walkback", result["model_sizes"]
+    if result.get("experiment") == "professor_forcing":  # one variant of the professor-forcing experiment
+        if config["data"]["kind"] == "text":
+            raise ValueError("this directory holds a character model of the professor-forcing experiment, "
+                             "not an image model: build gru-chars with the corpus' alphabet size (its "
+                             "results.json names it) and load its best.pt yourself")
+        return "gru-pixels", {"hidden": config["model"]["hidden"]}
     if result.get("experiment") == "gcrl":  # the GC-RL generator (agent/) or its VAE baseline (vae/)
         return ("gcrl" if result["form"] == "gcrl" else "conv-vae"), result["model_sizes"]
     if result.get("experiment") == "vae":
@@ -139,6 +145,8 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
                                 f"page names the command that makes it")
     dataset = result["config"]["dataset"]
     shape = _image_shape(path, dataset)
+    down = result["config"].get("data", {}).get("downsample", 1) if name == "gru-pixels" else 1
+    shape = (shape[0] // down, shape[1] // down)  # a pixel-sequence run may read block means
     module = build_registered(name, sizes, shape[0] * shape[1])
     module.load_state_dict(load_checkpoint(weights)["module"])
     module.to(resolve_device(device)).eval()

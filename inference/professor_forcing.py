@@ -116,6 +116,8 @@ class ProfessorForcing(ExtraTerm):
         self.module = BehaviourDiscriminator(generator.hidden_size + out, hidden, mlp)
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
         self._last: dict[str, Any] = {}
+        #: one row per step: D's accuracy and both gates (checkpointed with the hook, so resume keeps it)
+        self.history: list[dict[str, float]] = []
 
     def behaviours(self, x: torch.Tensor) -> tuple[Behaviour, Behaviour]:
         """The generator's teacher-forced run on ``x`` and a free run of the same length and number."""
@@ -145,5 +147,14 @@ class ProfessorForcing(ExtraTerm):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-        return {"accuracy": last["accuracy"], "gate_generator": last["gate_generator"],
-                "gate_discriminator": last["gate_discriminator"], "discriminator_loss": float(loss.detach())}
+        row = {"accuracy": last["accuracy"], "gate_generator": last["gate_generator"],
+               "gate_discriminator": last["gate_discriminator"], "discriminator_loss": float(loss.detach())}
+        self.history.append({"step": len(self.history) + 1, **row})
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": list(self.history)}
+
+    def load_state_dict(self, state: Any) -> None:
+        super().load_state_dict(state)
+        self.history = list(state.get("history", []))

@@ -36,6 +36,12 @@ def test_the_experiment_runs_on_a_text_file_and_reports_what_it_measured(tmp_pat
     metrics = [json.loads(line) for line in lines]
     logged = {"professor/accuracy", "professor/gate_generator", "professor/gate_discriminator"}
     assert logged <= set(metrics[0])
+    gates = (tmp_path / "out" / "professor" / "gates.jsonl").read_text().splitlines()
+    steps = [json.loads(line) for line in gates]
+    assert [row["step"] for row in steps] == list(range(1, metrics[-1]["step"] + 1))  # one row per step
+    assert all(row["gate_generator"] == float(row["accuracy"] > 0.75) for row in steps)
+    mean = sum(row["gate_generator"] for row in steps) / len(steps)
+    assert mean == pytest.approx(metrics[0]["professor/gate_generator"])
     page = (tmp_path / "out" / "results.md").read_text()
     assert "bits per character" in page and "not t-SNE space" in page
     d, v = r["paired_difference"], r["variants"]
@@ -46,6 +52,10 @@ def test_the_experiment_runs_on_a_text_file_and_reports_what_it_measured(tmp_pat
         assert all(s["mean_nearest_distance"] >= 0 and 0 <= s["entropy_bits"] <= math.log2(40)
                    for s in x["long_run"])
     assert "Free runs 3 × the training length" in page
+    from experiments.runs import load_run
+
+    with pytest.raises(ValueError, match="character model"):
+        load_run(tmp_path / "out" / "teacher")
 
 
 def test_the_experiment_runs_on_pixels(tmp_path):
@@ -54,6 +64,11 @@ def test_the_experiment_runs_on_pixels(tmp_path):
     v = json.loads((tmp_path / "results.json").read_text())["variants"]["teacher"]
     assert v["unit"] == "nats per image" and v["samples"]["length"] == 16  # 8 x 8 digits at 4 x 4
     assert (tmp_path / "samples_teacher.png").stat().st_size > 1000
+    from experiments.runs import load_run
+
+    run = load_run(tmp_path / "teacher")  # what experiments.sample loads: the 4 x 4 block means
+    assert run.model_name == "gru-pixels" and run.image_shape == (4, 4)
+    assert run.module.sample(3).shape == (3, 16)
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
