@@ -2,6 +2,7 @@
 gates opening and closing at the stated accuracies, the adversarial gradient reaching the generator through
 its behaviour, and the two optimisers never touching each other's networks."""
 
+import copy
 import math
 
 import pyro
@@ -106,3 +107,35 @@ def test_bad_settings_are_clear_errors():
         ProfessorForcing(gen, generator_gate=1.5)
     with pytest.raises(ValueError, match="must be >= 1"):
         BehaviourDiscriminator(0)
+
+
+def test_d_steps_on_c_d_alone_and_leaves_the_generator_untouched():
+    torch.manual_seed(3)
+    gen = GRUGenerator(6, "bernoulli", hidden=5)
+    pf = ProfessorForcing(gen, hidden=4, mlp=4, generator_gate=0.0)
+    x = torch.randint(0, 2, (8, 6))
+    term = pf.generator_loss(x)
+    term.backward()  # C_f's gradients land in D's networks too: D's step must not use them
+    last = dict(pf._last)
+    reference = copy.deepcopy(pf.module)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    discriminator_loss(reference(last["tf"]), reference(last["fr"])).backward()
+    ref_opt.step()
+    g_before = [p.detach().clone() for p in gen.parameters()]
+    g_grads = [None if p.grad is None else p.grad.clone() for p in gen.parameters()]
+    pf.optimizer.zero_grad(set_to_none=True)  # as the Trainer does before a hook's step
+    pf.step(x)
+    for p, q in zip(pf.module.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)  # the same as an Adam step on C_d alone
+    assert all(torch.equal(b, p) for b, p in zip(g_before, gen.parameters(), strict=True))
+    assert all(torch.equal(a, p.grad) for a, p in zip(g_grads, gen.parameters(), strict=True))
+
+
+def test_the_hooks_free_run_does_not_read_the_batch():
+    gen = GRUGenerator(6, "bernoulli", hidden=5)
+    pf = ProfessorForcing(gen, hidden=4, mlp=4)
+    runs = []
+    for x in (torch.zeros(4, 6, dtype=torch.long), torch.ones(4, 6, dtype=torch.long)):
+        torch.manual_seed(4)
+        runs.append(pf.behaviours(x)[1].x)
+    assert torch.equal(runs[0], runs[1])

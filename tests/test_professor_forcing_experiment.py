@@ -28,7 +28,7 @@ def test_the_experiment_runs_on_a_text_file_and_reports_what_it_measured(tmp_pat
     for name, v in r["variants"].items():
         assert v["unit"] == "bits per character" and math.isfinite(v["test_nll"])
         assert v["test_sequences"] == 153 // 12  # the last 5 % of the 3,060 characters
-        assert v["states"]["centroid_distance"] >= 0 and v["states"]["mean_nearest_distance"] >= 0
+        assert v["states"]["centroid_distance"] > 0 and v["states"]["mean_nearest_distance"] > 0
         samples = (tmp_path / "out" / f"samples_{name}.txt").read_text(encoding="utf-8")
         assert len(samples.split("\n\n----\n\n")[0]) == 3 * 12  # free runs 3 x the training length
         assert (tmp_path / "out" / f"states_{name}.png").stat().st_size > 1000
