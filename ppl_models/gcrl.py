@@ -41,7 +41,7 @@ GC-select-Qnet_ψ -> ``GCAgent.qnet`` (App. B.3: the selection network with a du
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -246,17 +246,21 @@ class GCRLGenerator(ModelGuidePair):
         return dist.Categorical(logits=-scores / tau)
 
     @torch.no_grad()
-    def rollout(self, goal: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Alg. 1's trajectory with the greedy GC-agent for each goal: states (H + 1, N, D) — x_1..x_H and
-        the final mean — and selections (H, N)."""
-        x = self.start(goal.shape[0])
+    def _path(self, n: int, choose: Callable[[torch.Tensor, int], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """n trajectories from x_1 with selections ``choose(x_h, h)``: states (H + 1, N, D) — x_1..x_H and the
+        final mean — and selections (H, N)."""
+        x = self.start(n)
         states, selections = [x], []
         for h in range(1, self.steps + 1):
-            a = self.gc_scores(x, h, goal).argmin(-1)
+            a = choose(x, h)
             x = self.transition(x, h, a)
             states.append(x)
             selections.append(a)
         return {"states": torch.stack(states), "selections": torch.stack(selections)}
+
+    def rollout(self, goal: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Alg. 1's trajectory with the greedy GC-agent for each goal (see :meth:`_path` for the shapes)."""
+        return self._path(goal.shape[0], lambda x, h: self.gc_scores(x, h, goal).argmin(-1))
 
     def unfold(self, selections: torch.Tensor) -> torch.Tensor:
         """S-prop-net_θ,U(a_1..a_H): the final mean for selections (N, H), differentiable in θ."""
@@ -307,18 +311,10 @@ class GCRLGenerator(ModelGuidePair):
                 a = pyro.sample(f"z_{h - 1}", self.gc_policy(s, h, x))
                 s = self.transition(s, h, a)
 
-    @torch.no_grad()
     def sample_path(self, num_samples: int) -> dict[str, torch.Tensor]:
-        """Alg. 3: the S-agent's trajectories from x_1, with no goal and no GC-agent: states (H + 1, N, D) —
-        x_1..x_H and the final mean — and selections (H, N)."""
-        x = self.start(num_samples)
-        states, selections = [x], []
-        for h in range(1, self.steps + 1):
-            a = dist.Categorical(logits=self.select_logits(x, h)).sample()
-            x = self.transition(x, h, a)
-            states.append(x)
-            selections.append(a)
-        return {"states": torch.stack(states), "selections": torch.stack(selections)}
+        """Alg. 3: the S-agent's trajectories from x_1, with no goal and no GC-agent (see :meth:`_path`)."""
+        return self._path(num_samples,
+                          lambda x, h: dist.Categorical(logits=self.select_logits(x, h)).sample())
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
