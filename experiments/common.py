@@ -260,21 +260,43 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
     redone); ``more_epochs_retrain`` says the experiment trains the extra epochs of a resumed run (see
     :func:`record_config`)."""
     from experiments.data import DataError
+    from inference import distributed
     from inference.train import NonFiniteLossError
 
     out = None
     try:
-        device = str(resolve_device(args.device))
-        out = output_dir(args, default_out, config)
-        # --force starts afresh: the configuration is recorded without comparing it to the old run's.
-        resume = args.resume and not getattr(args, "force", False)
-        record_config(out, config, resume, resumable, more_epochs_retrain)
+        # Under torchrun: join the process group (this process's GPU is cuda:LOCAL_RANK).
+        device = distributed.init_from_env(str(resolve_device(args.device)))
+        if distributed.world_size() > 1:
+            # Part of what ran (the report states it) and of what a resume must match.
+            config["processes"] = distributed.world_size()
+        # Rank 0 checks --out and records the configuration; the others take its verdict, so that all stop
+        # alike on a refusal and none reads a config.json rank 0 has just written as another run's.
+        verdict: tuple[str, str] | None = None
+        if distributed.is_writer():
+            try:
+                out = output_dir(args, default_out, config)
+                # --force starts afresh: the configuration is recorded without comparing it to the old run's.
+                resume = args.resume and not getattr(args, "force", False)
+                record_config(out, config, resume, resumable, more_epochs_retrain)
+                verdict = ("ok", str(out))
+            except ValueError as e:
+                verdict = ("error", str(e))
+        verdict = distributed.broadcast_object(verdict)
+        if verdict[0] == "error":
+            raise ValueError(verdict[1])
+        out = Path(verdict[1])
         work(out, device)
     except (ValueError, FileNotFoundError, FileExistsError, DataError, NonFiniteLossError) as e:
         if out is not None:
             abandon(out)
         print(f"error: {e}", file=sys.stderr)
+        distributed.shutdown(wait=False)
         return 2
+    except BaseException:
+        distributed.shutdown(wait=False)
+        raise
+    distributed.shutdown()
     return 0
 
 

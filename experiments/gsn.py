@@ -48,6 +48,7 @@ from experiments.common import build_registered, train_best
 from experiments.data import IMAGE_SHAPES, Dataset, load_dataset
 from experiments.report import fmt_or_na, markdown_table, save_image_grid, write_json, write_report
 from experiments.runner import Experiment, RunContext
+from inference.checkpoint import save_figure
 from inference.collaborative import CollaborativeShaping
 from inference.fd_classifier import (
     CLASSIFIERS,
@@ -461,7 +462,7 @@ def figures(trained: dict[str, dict[str, Any]], results: dict[str, Any], data: D
         ax.legend(fontsize=7)
     fig.suptitle(f"{data.name}: curves over training (pre-training, then the fork)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
+    save_figure(fig, out / "curves.png", dpi=100)
     plt.close(fig)
 
 

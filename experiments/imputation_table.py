@@ -28,6 +28,7 @@ import torch
 from experiments import imputation
 from experiments.report import degenerate_cell, fmt_or_na, markdown_table, write_json, write_report
 from experiments.runner import Experiment, RunContext
+from inference.checkpoint import save_figure
 
 EXPERIMENT = "imputation"
 DEFAULT_OUT = "runs/imputation-table"
@@ -220,7 +221,7 @@ def plot_calibration(cells: Cells, masks: list[str], methods: list[str], path: P
     fig.suptitle("Reliability of the imputations, hidden test pixels (marker area: share of the pixels in "
                  "the bin)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -366,7 +367,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title(f"Refinement steps, {rows[0]['mask']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

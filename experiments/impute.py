@@ -73,6 +73,7 @@ from experiments.common import Parser, non_negative_int, positive_int
 from experiments.data import FIXED_BINARIZATION_SEED, DataError, fixed_binarize, load_dataset
 from experiments.report import markdown_table, write_json
 from experiments.runs import Run, TemplateRun, load_imputer, vae_imputation
+from inference.checkpoint import save_figure, write_text
 from inference.scoring import nll_summary, score_bound_and_iwae
 from ppl_models import MIWAE, VAE, ImputationPolicy, make_mask_process, miwae_impute, template_match
 from ppl_models.miwae import miwae_importance_draws, miwae_proposal
@@ -353,7 +354,7 @@ def save_grid(x: torch.Tensor, mask: torch.Tensor, imputations: torch.Tensor, me
                 ax.set_title(cols[j], fontsize=6)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         pyro.set_rng_seed(args.seed)
         report["scores"] = score(imp, x, mask, args.samples, args.bound_draws, args.iw_samples)
     write_json(out / "scores.json", report)
-    (out / "scores.md").write_text(render(report))
+    write_text(out / "scores.md", render(report))
     print(render(report))
     return 0
 

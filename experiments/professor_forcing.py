@@ -44,7 +44,7 @@ from experiments.common import batched, build_registered, train_best
 from experiments.data import downsample, dynamic_binarize, fixed_binarize, load_dataset, load_text_corpus
 from experiments.report import markdown_table, save_curves, save_image_grid, write_json, write_report
 from experiments.runner import Experiment, RunContext
-from inference.checkpoint import atomic_write
+from inference.checkpoint import atomic_write, save_figure, write_text
 from inference.professor_forcing import ProfessorForcing
 from inference.scoring import nll_summary
 from ppl_models.gru_generator import GRUGenerator
@@ -139,7 +139,7 @@ def state_comparison(gen: GRUGenerator, x: torch.Tensor, points: int, path: Path
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return out
 
@@ -224,7 +224,7 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
             if "corpus" in seqs:
                 runs = gen.free_running(ev["num_samples"], ev["sample_factor"] * L)
                 text = "\n\n----\n\n".join(seqs["corpus"].decode(r) for r in runs.x.cpu())
-                (ctx.out / f"samples_{variant}.txt").write_text(text, encoding="utf-8")
+                write_text(ctx.out / f"samples_{variant}.txt", text)
                 result["samples"] = {"num": ev["num_samples"], "length": ev["sample_factor"] * L}
                 result["long_run"] = long_run_drift(gen, seqs["test"][: ev["state_sequences"]].to(ctx.device),
                                                     runs, L)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from inference.checkpoint import atomic_write
+from inference.checkpoint import atomic_write, save_figure
 
 
 def write_report(out: Path, stem: str, results: dict[str, Any], markdown: str, *,
@@ -153,7 +153,7 @@ def save_image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: st
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -196,7 +196,7 @@ def save_curves(metrics: Sequence[Mapping[str, Any]], keys: Sequence[str], path:
     handles = [h for axis, _ in axes for h in axis.get_legend_handles_labels()[0]]
     ax.legend(handles, [h.get_label() for h in handles])
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

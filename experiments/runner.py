@@ -34,6 +34,7 @@ from typing import Any
 
 from experiments.common import Parser, add_common_args, resolve_config, run_experiment
 from experiments.report import reproduce_command
+from inference.distributed import is_writer
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Experiment:
                                         device)
             self.run(config, RunContext(out, device, args.resume, not args.no_progress, args.data_dir, args,
                                         command))
-            for page, data in self.summary:
+            for page, data in self.summary if is_writer() else ():
                 if (out / page).is_file():
                     print((out / page).read_text())
                     print(f"results: {out / data}", file=sys.stderr)

@@ -68,6 +68,7 @@ from experiments.report import (
     write_report,
 )
 from experiments.runner import Experiment, RunContext
+from inference.checkpoint import save_figure
 from inference.fd_classifier import (
     CLASSIFIERS,
     classifier_features,
@@ -383,7 +384,7 @@ def toy_density_figure(pair: VariationalWalkback, config: dict[str, Any], fd: di
     fig.suptitle(f"variational walkback on {t['modes']} Gaussians (sd {t['sd']}) on a circle of radius "
                  f"{t['radius']}: log-densities clipped at max − 12 nats", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -17,8 +17,11 @@ from typing import Any
 
 import torch
 
+from inference.distributed import is_writer
+
 __all__ = [
     "BEST_NAME", "CHECKPOINT_NAME", "METRICS_NAME", "atomic_write", "load_checkpoint", "save_checkpoint",
+    "save_figure", "write_text",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -32,7 +35,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
     flushed and fsynced, then :func:`os.replace`\\ d onto ``path``. If anything fails (or the process
     is killed) the previous file at ``path`` is left intact; on an exception the temporary file is
     removed.
+
+    Inside a process group of several processes (``torchrun``) only rank 0 writes; on the others this
+    does nothing (:mod:`inference.distributed`), so every file is written once.
     """
+    if not is_writer():
+        return
     path = Path(path)
     fd, tmp = _open_temp(path)
     try:
@@ -51,6 +59,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Atomically write ``state`` with :func:`torch.save` (see :func:`atomic_write`)."""
     atomic_write(path, lambda f: torch.save(dict(state), f))
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> None:
+    """Save a matplotlib figure atomically (see :func:`atomic_write`), in the format its suffix names."""
+    path = Path(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", **savefig_kwargs))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from inference.checkpoint import save_figure
 from inference.sample_quality import class_entropy, frechet_distance, histogram_entropy
 
 __all__ = [
@@ -328,5 +329,5 @@ def save_mode_coverage_figure(histograms: Mapping[str, Sequence[float]], path: s
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

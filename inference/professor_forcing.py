@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference import distributed
 from inference.train import ExtraTerm
 from ppl_models.gru_generator import Behaviour, GRUGenerator
 
@@ -103,6 +104,7 @@ class ProfessorForcing(ExtraTerm):
     """
 
     name = "professor"
+    gradient_reduction = "sum"  # C_d is summed over the minibatch's sequences
 
     def __init__(self, generator: GRUGenerator, hidden: int = 128, mlp: int = 128, lr: float = 1e-3,
                  weight: float = 1.0, teacher_term: bool = False, generator_gate: float = 0.75,
@@ -128,6 +130,11 @@ class ProfessorForcing(ExtraTerm):
         f_tf, f_fr = behaviour_features(tf), behaviour_features(fr)
         with torch.no_grad():
             accuracy = discriminator_accuracy(self.module(f_tf), self.module(f_fr))
+        # Under torchrun the gates are decided on the whole minibatch, alike on every process (each must
+        # step D, or none).
+        if distributed.is_distributed():
+            hits, n = distributed.all_reduce_sum([accuracy * batch.shape[0], batch.shape[0]], batch.device)
+            accuracy = hits / n
         adversarial, update_d = gates(accuracy, self.generator_gate, self.freeze_gate)
         self._last = {"tf": f_tf.detach(), "fr": f_fr.detach(), "accuracy": accuracy,
                       "gate_generator": float(adversarial), "gate_discriminator": float(update_d)}

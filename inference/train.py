@@ -87,6 +87,7 @@ from pyro.optim import PyroOptim
 from torch import nn
 from tqdm.auto import tqdm
 
+from inference import distributed
 from inference.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -169,6 +170,11 @@ class ExtraTerm:
     name: str | None = None
     module: nn.Module
     optimizer: torch.optim.Optimizer | None
+    #: Under ``torchrun`` (:mod:`inference.distributed`) the hook's gradients are all-reduced before its
+    #: optimiser steps: ``"mean"`` for a loss that is a mean over its minibatch (the usual hook loss),
+    #: ``"sum"`` for one summed over it. A hook must then step on every process alike (decide any gate from
+    #: quantities all-reduced over processes), or the collective waits for the processes that skipped it.
+    gradient_reduction: str = "mean"
 
     def generator_loss(self, batch: Batch) -> torch.Tensor | None:
         """
@@ -263,6 +269,9 @@ class Trainer:
         self.device = resolve_device(device)
         self._data, self._data_is_tuple = _check_data(train_data)
         self.num_data = self._data[0].shape[0]
+        self.world_size = distributed.world_size()
+        if self.world_size > 1:
+            _check_shards(self.num_data, batch_size, self.world_size)
 
         self.out_dir = Path(out_dir)
         try:
@@ -279,6 +288,13 @@ class Trainer:
         for extra in self.extras:
             extra.module.to(self.device)
         self.mode, self.pyro_optim, self.optimizer = self._build_optimizer(optimizer)
+        if self.world_size > 1:
+            # Every process starts from rank 0's weights, as DistributedDataParallel does; hooks all-reduce
+            # their gradients before their optimisers step.
+            distributed.broadcast_module(self.module)
+            for extra in self.extras:
+                distributed.broadcast_module(extra.module)
+                _all_reduce_before_step(extra)
         self._online = callable(getattr(loss, "online_losses", None))
         if self._online:
             adding = [_extra_name(e) for e in self.extras
@@ -288,10 +304,15 @@ class Trainer:
                                  "runs in SVI mode (a PyroOptim) and takes no hook's generator_loss (hooks "
                                  f"adding one: {adding})")
 
-        # Fresh-run seeding; fit(resume=True) overwrites all of it from the checkpoint.
-        pyro.set_rng_seed(seed)
+        # Fresh-run seeding; fit(resume=True) overwrites all of it from the checkpoint. Under torchrun the
+        # data generator (the permutation) is seeded alike on every process, the rest per process.
+        pyro.set_rng_seed(distributed.rank_seed(seed))
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self.transform_generator = self.generator
+        if self.world_size > 1:
+            self.transform_generator = torch.Generator(device=self.device)
+            self.transform_generator.manual_seed(distributed.rank_seed(seed))
 
         self.metrics: list[dict[str, Any]] = []
         self.epoch = 0  # completed epochs
@@ -358,7 +379,9 @@ class Trainer:
                 self._best_value = load_checkpoint(self.best_path)["value"]
         else:
             atomic_write(self.metrics_path, lambda f: None, binary=False)
-            self.best_path.unlink(missing_ok=True)  # a stale best.pt of an earlier run must not compete
+            if distributed.is_writer():
+                self.best_path.unlink(missing_ok=True)  # a stale best.pt of an earlier run must not compete
+            distributed.barrier()
         self.module.train()
         for extra in self.extras:
             extra.module.train()
@@ -371,7 +394,8 @@ class Trainer:
         steps_per_epoch = self.steps_per_epoch
         total = self.epochs * steps_per_epoch
         bar = tqdm(
-            total=total, initial=min(self.step, total), disable=not self.progress, desc="train", unit="step"
+            total=total, initial=min(self.step, total), desc="train", unit="step",
+            disable=not self.progress or not distributed.is_writer(),
         )
         try:
             while self.epoch < self.epochs:
@@ -429,18 +453,20 @@ class Trainer:
                 self.epoch = epoch
                 # Checkpoint first: it is the source of truth metrics.jsonl is rebuilt from on resume.
                 self._save(epoch_state=None)
-                with open(self.metrics_path, "a") as f:
-                    f.write(_json_line(metrics))
-                    f.flush()
-                    os.fsync(f.fileno())
+                if distributed.is_writer():
+                    with open(self.metrics_path, "a") as f:
+                        f.write(_json_line(metrics))
+                        f.flush()
+                        os.fsync(f.fileno())
         finally:
             bar.close()
 
     def _get_batch(self, idx: torch.Tensor) -> Batch:
+        idx = distributed.shard(idx)  # this process's part of the minibatch (all of it outside torchrun)
         tensors = tuple(t[idx.to(t.device)].to(self.device) for t in self._data)
         batch: Batch = tensors if self._data_is_tuple else tensors[0]
         if self.transform is not None:
-            batch = self.transform(batch, self.generator)
+            batch = self.transform(batch, self.transform_generator)
         return batch
 
     def _main_step(self, batch: Batch, epoch: int) -> tuple[float, dict[str, float]]:
@@ -471,6 +497,7 @@ class Trainer:
         params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
         # Some losses (e.g. ReweightedWakeSleep) return a tuple; the first entry is reported.
         values = [torch_item(v) for v in (loss if isinstance(loss, tuple) else (loss,))]
+        values, terms = self._summed(values, terms)
         values_checked = values + list(terms.values())
         bad = next((v for v in values_checked if not math.isfinite(v)), None)
         if bad is not None:
@@ -486,10 +513,14 @@ class Trainer:
         None rather than zeros (torch's zero_grad(set_to_none=True)), so that a parameter a later step does
         not reach (a temperature level's own normalisation) is not moved by Adam's momentum, in a resumed run
         as in an uninterrupted one."""
+        store = pyro.get_param_store()
+        if self.world_size > 1:
+            # Summed over processes in one order on all of them (their shards' gradients add up to the
+            # minibatch's); a parameter no process reached keeps no gradient.
+            distributed.all_reduce_gradients(sorted(params, key=lambda p: store.param_name(p) or ""))
         reached = [p for p in params if p.grad is not None]
         if self.clip_norm is not None:
             # A fixed order keeps the float reduction inside clip_grad_norm_ reproducible across runs.
-            store = pyro.get_param_store()
             reached.sort(key=lambda p: store.param_name(p) or "")
             torch.nn.utils.clip_grad_norm_(reached, self.clip_norm)
         self.pyro_optim(reached)
@@ -509,7 +540,7 @@ class Trainer:
             if part is None:
                 return total, {}
             params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
-            value = torch_item(part)
+            (value,), _ = self._summed([torch_item(part)], {})
             if not math.isfinite(value):
                 zero_grads(params)
                 self._raise_non_finite(epoch, value)
@@ -530,22 +561,35 @@ class Trainer:
             self._check_diff_params(param_capture.trace)
         extra_loss, terms = self._generator_terms(batch)
         total = elbo_loss if extra_loss is None else elbo_loss + extra_loss
-        value = float(total.detach())
+        (value, elbo_value), terms = self._summed([float(total.detach()), float(elbo_loss.detach())], terms)
         if not math.isfinite(value):
             self._raise_non_finite(epoch, value)
         total.backward()
+        if self.world_size > 1:
+            distributed.all_reduce_gradients(list(self.module.parameters()))
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.module.parameters()), self.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(elbo_loss.detach()), terms
+        return elbo_value, terms
+
+    def _summed(self, values: list[float], terms: dict[str, float]) -> tuple[list[float], dict[str, float]]:
+        """Loss values and generator terms summed over processes (one collective; unchanged outside
+        torchrun): the minibatch's, and the same on every process, so all stop alike on a non-finite one."""
+        if self.world_size == 1:
+            return values, terms
+        summed = distributed.all_reduce_sum([*values, *terms.values()], self.device)
+        return summed[: len(values)], dict(zip(terms, summed[len(values):], strict=True))
 
     def _raise_non_finite(self, epoch: int, value: float) -> NoReturn:
         path = self.checkpoint_path if self._has_checkpoint else None
         raise NonFiniteLossError(epoch, self.step + 1, value, path)
 
     def _run_evaluate(self, epoch: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        result = self.evaluate(epoch)
+        # Under torchrun rank 0 evaluates (the weights are the same everywhere) and the others take its
+        # metrics, so that every process makes the same keep-best decision.
+        result = self.evaluate(epoch) if distributed.is_writer() else None
+        result = distributed.broadcast_object(result)
         if result is None:
             result = {}
         if not isinstance(result, Mapping):
@@ -572,6 +616,7 @@ class Trainer:
 
     def load_best(self) -> dict[str, Any]:
         """Load the best epoch's weights (``keep_best``) into ``module``; returns epoch, metric and value."""
+        distributed.barrier()  # rank 0 has written it
         if not self.best_path.is_file():
             raise FileNotFoundError(f"no best-epoch weights at {self.best_path} (was keep_best set?)")
         best = load_checkpoint(self.best_path)
@@ -595,17 +640,29 @@ class Trainer:
             "optimizer": (
                 self.pyro_optim.get_state() if self.pyro_optim is not None else self.optimizer.state_dict()
             ),
-            "extras": [extra.state_dict() for extra in self.extras],
             "extra_names": [_extra_name(extra) for extra in self.extras],
             "data_generator": self.generator.get_state(),
+            "metrics": self.metrics,
+            **self._own_state(),
+        }
+        if self.world_size > 1:
+            # What differs between processes, every process's, in rank order: RNGs, hooks (replay buffers),
+            # the module's buffers (batch-norm statistics of its own shards).
+            state["world_size"] = self.world_size
+            state["ranks"] = distributed.all_gather_object(
+                {**self._own_state(), "transform_generator": self.transform_generator.get_state(),
+                 "module_buffers": {k: b.cpu() for k, b in self.module.named_buffers()}})
+        save_checkpoint(state, self.checkpoint_path)
+        self._has_checkpoint = True
+
+    def _own_state(self) -> dict[str, Any]:
+        return {
+            "extras": [extra.state_dict() for extra in self.extras],
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "numpy_rng": np.random.get_state(),
             "python_rng": random.getstate(),
-            "metrics": self.metrics,
         }
-        save_checkpoint(state, self.checkpoint_path)
-        self._has_checkpoint = True
 
     def _restore(self, ckpt: Mapping[str, Any]) -> None:
         path = self.checkpoint_path
@@ -617,6 +674,12 @@ class Trainer:
             "batch_size": self.batch_size,
             "extra_names": [_extra_name(e) for e in self.extras],
         }
+        written_by = ckpt.get("world_size", 1)
+        if written_by != self.world_size:
+            raise ValueError(f"cannot resume from {path}: it was written by {written_by} process(es) and "
+                             f"this run has {self.world_size}; resume with the same number of processes "
+                             "(torchrun --nproc_per_node × --nnodes), as the RNG state of each is in it")
+        own = ckpt["ranks"][distributed.rank()] if self.world_size > 1 else ckpt
         for key, value in expected.items():
             if ckpt[key] != value:
                 raise ValueError(
@@ -637,15 +700,21 @@ class Trainer:
             self.pyro_optim.set_state(ckpt["optimizer"])
         else:
             self.optimizer.load_state_dict(ckpt["optimizer"])
-        for extra, extra_state in zip(self.extras, ckpt["extras"], strict=True):
+        for extra, extra_state in zip(self.extras, own["extras"], strict=True):
             extra.load_state_dict(extra_state)
+        if self.world_size > 1:
+            self.transform_generator.set_state(own["transform_generator"])
+            buffers = dict(self.module.named_buffers())
+            with torch.no_grad():
+                for name, value in own["module_buffers"].items():
+                    buffers[name].copy_(value)
 
         self.generator.set_state(ckpt["data_generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt["cuda_rng"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        np.random.set_state(ckpt["numpy_rng"])
-        random.setstate(ckpt["python_rng"])
+        torch.set_rng_state(own["torch_rng"])
+        if own["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(own["cuda_rng"])
+        np.random.set_state(own["numpy_rng"])
+        random.setstate(own["python_rng"])
 
         self.metrics = [dict(m) for m in ckpt["metrics"]]
         self.epoch = ckpt["epoch"]
@@ -705,6 +774,29 @@ def _check_arguments(model, guide, module, loss, batch_size, epochs, seed, trans
             raise TypeError(f"{fn_name} must be callable or None")
     if keep_best is not None and evaluate is None:
         raise ValueError(f"keep_best={keep_best!r} needs an evaluate(epoch) callback that returns it")
+
+
+def _check_shards(num_data: int, batch_size: int, world: int) -> None:
+    """Under torchrun every process needs a non-empty shard of every minibatch, the last one included."""
+    last = num_data % batch_size or batch_size
+    if min(batch_size, last, num_data) < world:
+        raise ValueError(
+            f"{world} processes need at least {world} examples in every minibatch: batch_size={batch_size} "
+            f"and {num_data} training examples leave a last minibatch of {min(last, num_data)}; use fewer "
+            "processes or a batch size whose last minibatch is large enough")
+
+
+def _all_reduce_before_step(extra: ExtraTerm) -> None:
+    """Make ``extra``'s optimiser all-reduce its gradients (mean or sum, as the hook says) before stepping."""
+    if extra.optimizer is None:
+        return
+    if extra.gradient_reduction not in ("mean", "sum"):
+        raise ValueError(f"{_extra_name(extra)}.gradient_reduction must be 'mean' or 'sum', got "
+                         f"{extra.gradient_reduction!r}")
+    params = [p for group in extra.optimizer.param_groups for p in group["params"]]
+    average = extra.gradient_reduction == "mean"
+    extra.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: distributed.all_reduce_gradients(params, average=average))
 
 
 def _checked_extras(extras: Sequence[ExtraTerm], module: nn.Module) -> list[ExtraTerm]:

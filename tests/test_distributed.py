@@ -1,0 +1,223 @@
+"""Data-parallel training (inference.distributed, Trainer under torchrun) checked on the CPU with gloo and
+two processes: one step of two processes equals a single-process step on the concatenated minibatch (the
+parameters after the update agree in float64), in both of the Trainer's modes, with a hook's network and
+gradient clipping; only rank 0 writes files; a two-process run resumed from its checkpoint continues
+exactly (every process's RNG and generator states are in it); a checkpoint is refused by another number of
+processes; too small a minibatch for the processes is refused clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.multiprocessing as mp
+from pyro.infer import Trace_ELBO
+from torch import nn
+
+from inference import checkpoint, distributed
+from inference.train import ExtraTerm, Trainer
+
+D, Z, N, BATCH = 6, 2, 16, 8
+
+
+class _AutoEncoder(nn.Module):
+    """x ~ N(dec(z), 1), z ~ N(0, 1); guide z = enc(x) (a point: a loss without noise) or N(enc(x), 0.5)."""
+
+    def __init__(self, stochastic: bool):
+        super().__init__()
+        self.stochastic = stochastic
+        self.enc, self.dec = nn.Linear(D, Z), nn.Linear(Z, D)
+
+    def model(self, x):
+        pyro.module("ae", self)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z_0", dist.Normal(x.new_zeros(Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(self.dec(z), 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("ae", self)
+        with pyro.plate("data", x.shape[0]):
+            loc = self.enc(x)
+            d = dist.Normal(loc, 0.5) if self.stochastic else dist.Delta(loc)
+            pyro.sample("z_0", d.to_event(1))
+
+
+class _Critic(ExtraTerm):
+    """A hook with its own network and a mean loss (its gradients are averaged over processes)."""
+
+    name = "critic"
+
+    def __init__(self):
+        self.module = nn.Linear(D, 1).double()
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=0.05)
+
+    def step(self, batch):
+        loss = (self.module(batch) - 1.0).pow(2).mean()
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": float(loss.detach())}
+
+
+def _data() -> torch.Tensor:
+    return torch.randn(N, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def _trainer(out: Path, mode: str, stochastic: bool, epochs: int) -> tuple[Trainer, _AutoEncoder, _Critic]:
+    torch.manual_seed(0)  # same initial weights everywhere (rank 0's are broadcast anyway)
+    module = _AutoEncoder(stochastic).double()
+    critic = _Critic()
+    optim = (pyro.optim.Adam({"lr": 0.05}) if mode == "svi"
+             else (lambda ps: torch.optim.Adam(ps, lr=0.05)))
+    def jitter(x, g):
+        return x + 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+    transform = jitter if stochastic else None
+    trainer = Trainer(module.model, module.guide, module, Trace_ELBO(), optim, train_data=_data(),
+                      batch_size=BATCH, epochs=epochs, seed=5, device="cpu", out_dir=out, extras=[critic],
+                      progress=False, clip_norm=3.0, transform=transform)
+    return trainer, module, critic
+
+
+def _weights(module: nn.Module, critic: _Critic) -> dict[str, torch.Tensor]:
+    return {**{k: v.clone() for k, v in module.state_dict().items()},
+            **{f"critic.{k}": v.clone() for k, v in critic.module.state_dict().items()}}
+
+
+def _refuse_writes(path):
+    raise AssertionError(f"a process other than rank 0 wrote {path}")
+
+
+def _worker(rank: int, world: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu")
+    if rank != 0:
+        checkpoint._open_temp = _refuse_writes  # every file is written through atomic_write
+    root_path = Path(root)
+    results = {}
+    for mode in ("svi", "diff"):
+        trainer, module, critic = _trainer(root_path / f"step-{mode}", mode, stochastic=False, epochs=1)
+        if mode == "diff":
+            results["noise"] = torch.rand(4)  # the global RNG right after the Trainer seeded it
+        trainer.fit()
+        results[mode] = _weights(module, critic)
+    # Exact resume: two epochs straight, against one epoch and a resumed second, both two processes.
+    trainer, module, critic = _trainer(root_path / "straight", "svi", stochastic=True, epochs=2)
+    trainer.fit()
+    results["straight"] = _weights(module, critic)
+    _trainer(root_path / "resumed", "svi", stochastic=True, epochs=1)[0].fit()
+    trainer, module, critic = _trainer(root_path / "resumed", "svi", stochastic=True, epochs=2)
+    trainer.fit(resume=True)
+    results["resumed"] = _weights(module, critic)
+    torch.save(results, root_path / f"rank{rank}.pt")  # not through atomic_write: every rank reports
+    distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=True, start_method="spawn")
+    return root, [torch.load(root / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("mode", ["svi", "diff"])
+def test_two_process_step_equals_single_process_step_on_the_whole_minibatch(two_process_run, tmp_path, mode):
+    _, ranks = two_process_run
+    trainer, module, critic = _trainer(tmp_path, mode, stochastic=False, epochs=1)
+    trainer.fit()  # no process group: the single-process run, two steps of 8
+    single = _weights(module, critic)
+    for got in ranks:  # both processes hold the same weights, those of the single-process run
+        for name, value in single.items():
+            assert torch.allclose(got[mode][name], value, rtol=1e-10, atol=1e-12), name
+    # The weights moved: the comparison is not of untouched initial values.
+    torch.manual_seed(0)
+    initial = _AutoEncoder(False).double().state_dict()
+    assert not torch.allclose(single["dec.weight"], initial["dec.weight"])
+
+
+def test_only_rank_zero_writes_and_metrics_are_the_minibatch_s(two_process_run, tmp_path):
+    root, _ = two_process_run  # rank 1 would have failed on any write (see _worker)
+    lines = (root / "step-svi" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    trainer, _, _ = _trainer(tmp_path, "svi", stochastic=False, epochs=1)
+    trainer.fit()
+    single = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert json.loads(lines[0])["train_loss"] == pytest.approx(single["train_loss"], rel=1e-10)
+    assert (root / "step-svi" / "checkpoint.pt").is_file()
+
+
+def test_two_process_resume_continues_exactly(two_process_run):
+    _, ranks = two_process_run
+    for got in ranks:
+        for name, value in got["straight"].items():
+            assert torch.equal(got["resumed"][name], value), name
+    # The processes hold the same weights, having drawn different noise.
+    assert all(torch.equal(ranks[0]["straight"][k], ranks[1]["straight"][k]) for k in ranks[0]["straight"])
+
+
+def test_processes_draw_their_own_noise_and_rank_zero_the_single_process_s(two_process_run, tmp_path):
+    _, ranks = two_process_run
+    assert not torch.equal(ranks[0]["noise"], ranks[1]["noise"])
+    _trainer(tmp_path, "diff", stochastic=False, epochs=1)
+    assert torch.equal(torch.rand(4), ranks[0]["noise"])
+
+
+def test_checkpoint_of_two_processes_is_refused_by_one(two_process_run, tmp_path):
+    root, _ = two_process_run
+    trainer, _, _ = _trainer(root / "straight", "svi", stochastic=True, epochs=3)
+    with pytest.raises(ValueError, match="written by 2 process"):
+        trainer.fit(resume=True)
+
+
+def test_shards_must_not_be_empty(monkeypatch, tmp_path):
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    module = _AutoEncoder(False).double()
+    with pytest.raises(ValueError, match="4 processes need at least 4 examples in every minibatch"):
+        Trainer(module.model, module.guide, module, Trace_ELBO(), pyro.optim.Adam({"lr": 0.1}),
+                train_data=torch.zeros(10, D, dtype=torch.float64), batch_size=8, epochs=1, seed=0,
+                device="cpu", out_dir=tmp_path, progress=False)
+
+
+def test_outside_a_process_group_nothing_changes():
+    idx = torch.arange(10)
+    assert torch.equal(distributed.shard(idx), idx)
+    assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_writer()
+    assert distributed.rank_seed(7) == 7
+    assert distributed.all_reduce_sum([1.5, 2.0]) == [1.5, 2.0]
+
+
+def test_torchrun_runs_an_experiment_once(tmp_path):
+    """``torchrun --nproc_per_node 2 -m experiments.vae``: one run, its files written once, the process
+    count recorded in the configuration (and required of a resume)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "vae"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "experiments.vae", "--preset", "quick", "--set", "train.epochs=2", "--set",
+           "eval.iw_samples=20", "--set", "eval.bound_draws=2", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["processes"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "results.json").read_text())["config"]["processes"] == 2
+    assert done.stdout.count("## Configuration that ran") == 1  # the summary page printed once
+    single = subprocess.run([sys.executable, "-m", "experiments.vae", "--preset", "quick", "--set",
+                             "train.epochs=2", "--out", str(out), "--resume"], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert single.returncode == 2 and "processes: run 2" in single.stderr
