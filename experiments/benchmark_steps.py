@@ -1,0 +1,431 @@
+"""Benchmark: one training step of each paper's model through the project's Pyro objective against the
+same loss hand-written in PyTorch, eager and ``torch.compile``\\ d, in one run.
+
+Models (the project's registered pairs, sized by a preset of their experiment, ``--sizes``):
+
+- ``gpsi-add``: GPSI (Bachman & Precup 2015, "Data generation as sequential decision making", Sec. 3.1),
+  :class:`inference.pathwise_kl_elbo.PathwiseKL_ELBO` (Eq. 17), masks ``mcar-80``; hand-written loss
+  :func:`experiments.benchmark_gpsi.handwritten_gpsi_loss`;
+- ``lstm-add``: the LSTM imputer (same paper, Sec. 3.2), ``PathwiseKL_ELBO``; :func:`handwritten_lstm_loss`;
+- ``draw-extended-add``: the extended DRAW-style generator (same paper, Sec. 2.5), ``PathwiseKL_ELBO``;
+  :func:`handwritten_draw_loss`;
+- ``vae``: the VAE (Kingma & Welling 2014; Sec. 2.5's one-step policy), ``PathwiseKL_ELBO``;
+  :func:`handwritten_vae_loss`;
+- ``diffusion-gaussian``: DDPM's L_simple (Ho et al. 2020, Eq. 14) through
+  :class:`inference.diffusion_simple.SimpleDiffusionLoss`; hand-written
+  :func:`experiments.benchmark_diffusion.handwritten_simple_loss`.
+
+Every hand-written loss draws its random numbers in the order the Pyro objective does and evaluates the
+networks as the model/guide pair does (the guide's roll-out, then the model's along the same draws), so at
+the same torch seed its value and gradients equal the Pyro loss's (``tests/test_benchmark_steps.py`` checks
+it in float64): the floor is the same computation without Pyro's tracing, replay and bookkeeping.
+
+Variants timed per model (each a full step on one fixed batch and the same module: loss, backward, Adam step,
+gradients cleared):
+
+- ``svi``: ``pyro.infer.SVI(...).step`` (the Trainer's SVI mode does the same per step);
+- ``pyro-diff``: the objective's ``differentiable_loss``, backward, ``torch.optim.Adam``;
+- ``pyro-diff-novalid``: the same with Pyro's and torch.distributions' argument validation off;
+- ``handwritten``: the hand-written loss, eager;
+- ``handwritten-compiled``: the same function through ``torch.compile`` (default mode, inductor); its first
+  call, which compiles, is timed apart and reported as the compile time.
+
+Protocol: per model, ``--warmup`` untimed rounds and ``--repeats`` timed rounds in which every variant runs
+once, in an order rotated each round (:func:`experiments.benchmark_gpsi.time_interleaved`; on CUDA the device
+is synchronised before each clock reading). Reported: medians and IQRs, and ratios to the hand-written eager
+step. Speed is a ratio measured in one run; absolute times only count from a GPU.
+
+    python -m experiments.benchmark_steps --device cpu --batch-size 16 --out results/benchmark-steps-cpu
+    python -m experiments.benchmark_steps --device cuda --sizes paper --out results/benchmark-steps-gpu
+
+Outputs in ``--out``: benchmark.json (every time in ms, sizes, the environment) and benchmark.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+import torch.nn.functional as F
+from torch.distributions import kl_divergence
+
+from experiments.benchmark_diffusion import handwritten_simple_loss
+from experiments.benchmark_gpsi import (
+    PROTOCOL,
+    _load_average,
+    environment,
+    environment_sentence,
+    handwritten_gpsi_loss,
+    summarise,
+    time_interleaved,
+)
+from experiments.common import Parser, build_registered, non_negative_int, positive_int, resolve_device
+from experiments.config import load_preset
+from experiments.diffusion import model_sizes
+from experiments.report import markdown_table, reproduce_command, write_report
+from inference.diffusion_simple import SimpleDiffusionLoss
+from inference.pathwise_kl_elbo import PathwiseKL_ELBO
+from ppl_models.draw import DRAWGenerator
+from ppl_models.lstm_imputer import LSTMImputer
+from ppl_models.masks import make_mask_process, validate_mask
+from ppl_models.policy_parts import cat_inputs, diag_normal, lstm_step, writer_step
+from ppl_models.vae import VAE
+
+DEFAULT_OUT = "runs/benchmark-steps"
+SHAPE = (28, 28)  # Fashion-MNIST-shaped random data: the timing does not depend on the pixel values
+LR = 1e-4
+MASK = "mcar-80"
+VARIANTS = {
+    "svi": "Pyro SVI.step (+ pyro.optim.Adam)",
+    "pyro-diff": "objective.differentiable_loss + backward + torch Adam",
+    "pyro-diff-novalid": "the same, argument validation off",
+    "handwritten": "hand-written loss (same computation) + backward + torch Adam, eager",
+    "handwritten-compiled": "the hand-written loss through torch.compile + backward + torch Adam",
+}
+BASELINE = "handwritten"
+
+
+# ------------------------------------------------------------------------------------ hand-written losses
+
+
+def _bce_sum(logits: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """−log Bernoulli(x | σ(logits)) summed, over the pixels where ``keep`` (all without it); where(), as
+    Pyro's ``.mask()``, so 0 · inf cannot arise."""
+    nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    return (nll if keep is None else torch.where(keep, nll, nll.new_zeros(()))).sum()
+
+
+def handwritten_vae_loss(vae: VAE, x: torch.Tensor) -> torch.Tensor:
+    """``PathwiseKL_ELBO``'s negative ELBO of :class:`ppl_models.vae.VAE`, summed over the batch: one
+    reparameterised z_0 ~ q(z_0 | x), the analytic KL to N(0, I), −log Bernoulli(x | σ(decoder(z_0)))."""
+    loc, scale = vae.encode(x)
+    q = torch.distributions.Normal(loc, scale)
+    z = q.rsample()
+    return _bce_sum(vae.decode(z), x) + kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum()
+
+
+def handwritten_lstm_loss(policy: LSTMImputer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``PathwiseKL_ELBO``'s negative ELBO (Eq. 17) of the LSTM imputer, summed over the batch: q's roll-out
+    (z_0..z_T reparameterised, in the guide's order), then p along the same draws, one analytic KL per step,
+    −log p(x_u | c_T) on the missing pixels."""
+    mask_q = validate_mask(mask, x).to(x.dtype)  # the guide's check, as ImputationPolicy.guide does
+
+    def read(canvas: torch.Tensor, m: torch.Tensor, guide: bool) -> list[torch.Tensor]:
+        guess = torch.sigmoid(canvas)
+        return [m * x + (1 - m) * guess, m] + ([x - guess] if guide else [])
+
+    # q: z_0 ~ q(z_0 | c_0, x), the initial states, then the guide LSTM's steps
+    canvas = policy.c0.expand(x.shape[0], -1)
+    q_dists, zs = [diag_normal(policy.q_z0(cat_inputs(read(canvas, mask_q, True))))], []
+    zs.append(q_dists[0].rsample())
+    _, writer, state = policy.initial(zs[0])
+    for _ in range(policy.num_steps):
+        state = lstm_step(policy.guide_lstm, cat_inputs([*read(canvas, mask_q, True), writer[0]]), state)
+        q_dists.append(diag_normal(policy.q_step(state[0])))
+        zs.append(q_dists[-1].rsample())
+        writer, canvas = writer_step(policy.writer, policy.write, zs[-1], writer, canvas, policy.update)
+    # p along the same z: the model's own mask check, then its reader
+    mask_p = validate_mask(mask, x).to(x.dtype)
+    canvas = policy.c0.expand(x.shape[0], -1)
+    p_t = diag_normal(policy.p_z0(cat_inputs(read(canvas, mask_p, False))))
+    kl = kl_divergence(q_dists[0], p_t).sum()
+    state, writer, _ = policy.initial(zs[0])
+    for q_t, z in zip(q_dists[1:], zs[1:], strict=True):
+        state = lstm_step(policy.reader, cat_inputs([*read(canvas, mask_p, False), writer[0]]), state)
+        kl = kl + kl_divergence(q_t, diag_normal(policy.p_step(state[0]))).sum()
+        writer, canvas = writer_step(policy.writer, policy.write, z, writer, canvas, policy.update)
+    return _bce_sum(canvas, x, mask_p < 0.5) + kl
+
+
+def handwritten_draw_loss(draw: DRAWGenerator, x: torch.Tensor) -> torch.Tensor:
+    """``PathwiseKL_ELBO``'s negative ELBO (Eq. 13) of the extended DRAW generator, summed over the batch:
+    q's roll-out (z_0..z_T reparameterised), then p along the same draws, one analytic KL per step."""
+    if draw.prior != "extended":
+        raise ValueError("handwritten_draw_loss is written for the extended generator")
+    n = x.shape[0]
+    q0 = diag_normal(draw.q_z0(x))
+    zs, q_dists = [q0.rsample()], [q0]
+    writer, guide_state = draw.initial(zs[0])
+    canvas = draw.c0.expand(n, -1)
+    for _ in range(draw.num_steps):
+        read = cat_inputs([x, x - torch.sigmoid(canvas), writer[0]])
+        guide_state = lstm_step(draw.guide_lstm, read, guide_state)
+        q_dists.append(diag_normal(draw.q_step(guide_state[0])))
+        zs.append(q_dists[-1].rsample())
+        writer, canvas = writer_step(draw.writer, draw.write, zs[-1], writer, canvas, draw.update)
+    # p along the same z: N(0, I) for z_0, then p(z_t | s_{t-1}) from the writer
+    prior0 = pyro.distributions.Normal(x.new_zeros(draw.z0_dim), 1.0).to_event(1)
+    kl = kl_divergence(q_dists[0], prior0).sum()
+    writer, _ = draw.initial(zs[0])
+    canvas = draw.c0.expand(n, -1)
+    for q_t, z in zip(q_dists[1:], zs[1:], strict=True):
+        kl = kl + kl_divergence(q_t, diag_normal(draw.p_step(writer[0]))).sum()
+        writer, canvas = writer_step(draw.writer, draw.write, z, writer, canvas, draw.update)
+    return _bce_sum(canvas, x) + kl
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class Case:
+    """One benchmarked model: the module, its inputs, the project's objective and the hand-written loss."""
+
+    name: str
+    module: torch.nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    objective: Any
+    handwritten: Callable[..., torch.Tensor]
+    sizes: dict[str, Any]
+    preset: str
+
+
+def _sizes(experiment: str, preset: str, section: str) -> dict[str, Any]:
+    return dict(load_preset(experiment, preset)[section])
+
+
+def build_case(name: str, sizes: str, batch_size: int, device: torch.device, seed: int,
+               dtype: torch.dtype = torch.float32) -> Case:
+    """The model ``name`` sized by preset ``sizes`` of its experiment, with a random batch of
+    ``batch_size`` Fashion-MNIST-shaped images (binary, or grey levels for diffusion) and masks."""
+    g = torch.Generator().manual_seed(seed)
+    x_dim = SHAPE[0] * SHAPE[1]
+    binary = (torch.rand(batch_size, x_dim, generator=g) < 0.3).to(dtype)
+    torch.manual_seed(seed)  # the initial weights
+    if name in ("gpsi-add", "lstm-add"):
+        section = name.split("-")[0]
+        kw = _sizes("imputation", sizes, section)
+        mask = make_mask_process(MASK, SHAPE).sample(binary, generator=g).to(dtype)
+        module = build_registered(name, kw, x_dim, init_mean=binary.mean(0))
+        hand = handwritten_gpsi_loss if section == "gpsi" else handwritten_lstm_loss
+        inputs, objective = (binary, mask), PathwiseKL_ELBO()
+    elif name == "draw-extended-add":
+        kw = _sizes("draw", sizes, "generator")
+        module = build_registered(name, kw, x_dim, init_mean=binary.mean(0))
+        inputs, objective, hand = (binary,), PathwiseKL_ELBO(), handwritten_draw_loss
+    elif name == "vae":
+        kw = _sizes("vae", sizes, "model")
+        module = build_registered(name, kw, x_dim)
+        inputs, objective, hand = (binary,), PathwiseKL_ELBO(), handwritten_vae_loss
+    elif name == "diffusion-gaussian":
+        config = load_preset("diffusion", sizes)
+        kw = model_sizes("gaussian", {**config, "dataset": "fashion-mnist"})
+        module = build_registered(name, kw, x_dim)
+        grey = torch.randint(0, 256, (batch_size, x_dim), generator=g).to(dtype) / 255
+        inputs, objective, hand = (grey,), SimpleDiffusionLoss(), handwritten_simple_loss
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    module = module.to(device=device, dtype=dtype)
+    return Case(name, module, tuple(t.to(device) for t in inputs), objective, hand,
+                {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}, sizes)
+
+
+MODELS = ("gpsi-add", "lstm-add", "draw-extended-add", "vae", "diffusion-gaussian")
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> dict[str, Callable[[], Any]]:
+    """One callable per variant of :data:`VARIANTS` (``handwritten-compiled`` only when ``compiled``)."""
+    pyro.clear_param_store()
+    m, args = case.module, case.inputs
+    svi = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": LR}), type(case.objective)())
+    opts = {k: torch.optim.Adam(m.parameters(), lr=LR) for k in VARIANTS}
+
+    def step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> torch.Tensor:
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def pyro_loss() -> torch.Tensor:
+        return case.objective.differentiable_loss(m.model, m.guide, *args)
+
+    def novalid() -> torch.Tensor:
+        with pyro.validation_enabled(False):
+            return pyro_loss()
+
+    actions = {
+        "svi": lambda: svi.step(*args),
+        "pyro-diff": lambda: step(pyro_loss, opts["pyro-diff"]),
+        "pyro-diff-novalid": lambda: step(novalid, opts["pyro-diff-novalid"]),
+        "handwritten": lambda: step(lambda: case.handwritten(m, *args), opts["handwritten"]),
+    }
+    if compiled is not None:
+        opt = opts["handwritten-compiled"]
+        actions["handwritten-compiled"] = lambda: step(lambda: compiled(m, *args), opt)
+    return actions
+
+
+def loss_check(case: Case, seed: int) -> dict[str, float]:
+    """The Pyro objective and the hand-written loss from the same torch seed, without gradients."""
+    m = case.module
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        p = float(case.objective.differentiable_loss(m.model, m.guide, *case.inputs))
+        torch.manual_seed(seed)
+        h = float(case.handwritten(m, *case.inputs))
+    return {"pyro": p, "handwritten": h, "rel_diff": abs(p - h) / max(abs(p), 1e-30)}
+
+
+def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, seed: int, repeats: int,
+                warmup: int, compile_loss: bool) -> dict[str, Any]:
+    """Time every variant of one model; returns its sizes, times, medians, ratios and compile time."""
+    case = build_case(name, sizes, batch_size, device, seed)
+    check = loss_check(case, seed)
+    compiled, compile_s = None, None
+    if compile_loss:
+        torch._dynamo.reset()
+        compiled = torch.compile(case.handwritten)
+        t0 = time.perf_counter()
+        loss = compiled(case.module, *case.inputs)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        compile_s = time.perf_counter() - t0
+        for p in case.module.parameters():
+            p.grad = None
+    actions = make_actions(case, compiled)
+    params = list(case.module.parameters())
+    times = time_interleaved(actions, params, device, repeats, warmup)
+    stats = {k: summarise(v) for k, v in times.items()}
+    base = stats[BASELINE]["median_ms"]
+    return {
+        "model": name, "sizes_preset": sizes, "sizes": case.sizes, "batch_size": batch_size,
+        "objective": type(case.objective).__name__,
+        "parameters": sum(p.numel() for p in params),
+        "loss_check": check, "compile_seconds": compile_s,
+        "variants": stats,
+        "ratios_to_handwritten": {k: s["median_ms"] / base for k, s in stats.items()},
+        "times_ms": times,
+    }
+
+
+def run(models: tuple[str, ...], sizes: str, batch_size: int, device: str, repeats: int, warmup: int,
+        seed: int, compile_loss: bool, out: Path, command: str | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Benchmark every model in turn, write benchmark.json and benchmark.md."""
+    from tqdm.auto import tqdm
+
+    dev = torch.device(device)
+    load_before = _load_average()
+    t0 = time.time()
+    rows = [bench_model(m, sizes, batch_size, dev, seed, repeats, warmup, compile_loss)
+            for m in tqdm(models, desc="models", disable=not progress)]
+    result = {
+        "protocol": PROTOCOL,
+        "protocol_details": (f"per model: {warmup} warm-up rounds, then {repeats} rounds, every variant once "
+                             "per round in an order rotated by one each round; gradients set to None before "
+                             "each call (not timed); wall-clock ms (time.perf_counter), the device "
+                             "synchronised before each reading"),
+        "data": (f"random {SHAPE[0]}x{SHAPE[1]} images, batch {batch_size}: binary (pixels on with "
+                 f"probability 0.3) for the Bernoulli models with {MASK} masks for the imputers, grey "
+                 f"levels k/255 for diffusion; seed {seed}"),
+        "sizes_preset": sizes, "lr": LR, "seed": seed, "repeats": repeats, "warmup": warmup,
+        "environment": environment(dev),
+        "load_average": {"before": load_before, "after": _load_average()},
+        "wall_seconds": time.time() - t0,
+        "models": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, "benchmark", result, render_markdown(result), command=command)
+    return result
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    names = [k for k in VARIANTS if any(k in m["variants"] for m in r["models"])]
+    rows = []
+    for m in r["models"]:
+        cells = [f"{m['model']} ({m['parameters']:,} params)"]
+        for k in names:
+            s = m["variants"].get(k)
+            cells.append("n/a" if s is None else
+                         f"{s['median_ms']:.2f} ({s['iqr_ms']:.2f}) ×{m['ratios_to_handwritten'][k]:.2f}")
+        cells.append("n/a" if m["compile_seconds"] is None else f"{m['compile_seconds']:.0f}")
+        cells.append(f"{m['loss_check']['rel_diff']:.1e}")
+        rows.append(cells)
+    sizes = "; ".join(f"{m['model']}: {m['sizes']}" for m in r["models"])
+    return "\n".join([
+        f"# Training step: project objective vs hand-written PyTorch (sizes of preset `{r['sizes_preset']}`)",
+        "",
+        f"Protocol: {r['protocol']}. {r['protocol_details']}.",
+        "",
+        f"Data: {r['data']}. Adam, lr {r['lr']}. Sizes: {sizes}.",
+        "",
+        "Each cell: median ms (IQR) ×ratio to the hand-written eager step. Compile: seconds of the compiled "
+        "loss's first call (forward and backward). Check: relative difference of the Pyro and hand-written "
+        "losses at the same seed (float32).",
+        "",
+        markdown_table(["model", *[f"{k}" for k in names], "compile s", "check"], rows),
+        "",
+        "Variants: " + "; ".join(f"`{k}`: {VARIANTS[k]}" for k in names) + ".",
+        "",
+        environment_sentence(r),
+        "",
+    ])
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m experiments.benchmark_steps", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated models to time (default all: {','.join(MODELS)})")
+    parser.add_argument("--sizes", default="paper", choices=("quick", "cpu", "paper"),
+                        help="the preset whose network sizes each model takes from its experiment's presets "
+                        "file (default paper: the papers' sizes)")
+    parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=16,
+                        help="images per step, >= 1 (default 16: small, where per-step overhead dominates "
+                        "as it does on a GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    parser.add_argument("--repeats", type=positive_int, default=20,
+                        help="timed rounds per model, each running every variant once, >= 1 (default 20)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3,
+                        help="untimed rounds per model before the timed ones, >= 0 (default 3)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the data, masks and weights, >= 0 (default 0)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch intra-op threads, >= 1 (default: torch's, which follows OMP_NUM_THREADS)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile variant (it needs a C++ compiler on the CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}/<sizes>)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        parser.error(f"--models: unknown {unknown or 'empty list'}; choose from {','.join(MODELS)}")
+    try:
+        device = str(resolve_device(args.device))
+    except ValueError as e:
+        parser.error(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or f"{DEFAULT_OUT}/{args.sizes}")
+    run(models, args.sizes, args.batch_size, device, args.repeats, args.warmup, args.seed,
+        not args.no_compile, out, progress=not args.no_progress,
+        command=reproduce_command("experiments.benchmark_steps", sys.argv[1:] if argv is None else argv, out,
+                                  device))
+    print((out / "benchmark.md").read_text())
+    print(f"results: {out / 'benchmark.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
