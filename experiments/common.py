@@ -26,7 +26,7 @@ from ppl_models.vae import VAE
 
 #: Command-line options that are not configuration.
 NOT_CONFIG = {"preset", "out", "data_dir", "device", "resume", "force", "no_progress", "variants", "masks",
-              "methods", "no_sweep", "report_only", "method", "mask", "set", "redo_finetune", "text"}
+              "methods", "no_sweep", "report_only", "method", "mask", "set", "redo_finetune", "text", "jobs"}
 
 
 def resolve_config(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -298,6 +298,41 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
         raise
     distributed.shutdown()
     return 0
+
+
+def run_concurrently(calls: Sequence[tuple[str, Callable[..., Any], dict[str, Any]]], jobs: int, device: str,
+                     progress: bool = True) -> None:
+    """Run independent calls ``(label, function, keyword arguments)`` ``jobs`` at a time, each in a fresh
+    process (spawned: safe with CUDA). Each call also gets ``device=``: the given device, or on a machine
+    with several GPUs and a CUDA device, the GPUs in turn (call i on GPU i mod count). The CPU threads are
+    split between the processes. Every call runs to its end even when another fails; then a ``ValueError``
+    names the failed calls and their errors. ``function`` must be importable (module level)."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    import torch
+    from tqdm.auto import tqdm
+
+    if not calls:
+        return
+    devices = [device]
+    if torch.device(device).type == "cuda" and torch.cuda.device_count() > 1:
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    failed = []
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(fn, **kwargs, device=devices[i % len(devices)]): label
+                   for i, (label, fn, kwargs) in enumerate(calls)}
+        for future in tqdm(cf.as_completed(futures), total=len(futures), desc=f"cells ({jobs} at a time)",
+                           disable=not progress):
+            try:
+                future.result()
+            except Exception as e:  # the others go on: each cell is resumable on its own
+                failed.append(f"{futures[future]}: {type(e).__name__}: {e}")
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(calls)} cells failed (finished cells are kept; rerun to "
+                         "resume the rest): " + "; ".join(failed))
 
 
 def record_config(out: Path, config: dict[str, Any], resume: bool, resumable: Sequence[str] = (),

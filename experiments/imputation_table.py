@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from experiments import imputation
+from experiments.common import positive_int, run_concurrently
 from experiments.report import degenerate_cell, fmt_or_na, markdown_table, write_json, write_report
 from experiments.runner import Experiment, RunContext
 from inference.checkpoint import save_figure
@@ -58,6 +59,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the refinement-steps sweep (Fig. 2c)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing; write the tables from the cells already in --out")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="cells run at once, one process each, >= 1 (default 1): they share the GPU, or "
+                        "take the GPUs in turn where there are several (--device cuda), and split the CPU "
+                        "threads; each cell resumes from its own checkpoint")
 
 
 def run_cell(config: dict[str, Any], method: str, mask: str, out: Path, ctx: RunContext,
@@ -75,21 +80,51 @@ def run_cell(config: dict[str, Any], method: str, mask: str, out: Path, ctx: Run
                           ctx.command)
 
 
-def sweep(config: dict[str, Any], out: Path, ctx: RunContext, run: bool) -> list[dict[str, Any]]:
-    """Fig. 2(c): GPSI trained and scored with each number of refinement steps under one mask setting."""
+def sweep_cells(config: dict[str, Any], out: Path) -> list[tuple[dict[str, Any], str, str, Path, int]]:
+    """Fig. 2(c)'s cells: (configuration, method, mask, directory, steps) for GPSI with each number of
+    refinement steps under one mask setting."""
     s = config["table"]["sweep"]
-    rows = []
+    cells = []
     for update in s["updates"]:
         for steps in s["steps"]:
             cfg = {**config, "num_steps": steps, "train": {**config["train"], "epochs": s["epochs"]},
                    "eval": {**config["eval"], **{k: v for k, v in s["eval"].items() if v is not None}}}
-            cell = out / "sweep" / f"gpsi-{update}-T{steps}"
-            r = run_cell(cfg, f"gpsi-{update}", s["mask"], cell, ctx, run)
-            if r is not None:
-                rows.append({"method": f"gpsi-{update}", "steps": steps, "mask": s["mask"],
-                             "bound": r["bound"], "iw_estimate": r["iw_estimate"], "mse": r["mse"],
-                             "epochs": r["train"]["epochs"]})
+            cells.append((cfg, f"gpsi-{update}", s["mask"], out / "sweep" / f"gpsi-{update}-T{steps}", steps))
+    return cells
+
+
+def sweep(config: dict[str, Any], out: Path, ctx: RunContext, run: bool) -> list[dict[str, Any]]:
+    """Fig. 2(c): GPSI trained and scored with each number of refinement steps under one mask setting."""
+    rows = []
+    for cfg, method, mask, cell, steps in sweep_cells(config, out):
+        r = run_cell(cfg, method, mask, cell, ctx, run)
+        if r is not None:
+            rows.append({"method": method, "steps": steps, "mask": mask, "bound": r["bound"],
+                         "iw_estimate": r["iw_estimate"], "mse": r["mse"], "epochs": r["train"]["epochs"]})
     return rows
+
+
+def _cell_process(config: dict[str, Any], method: str, mask: str, out: str, device: str, data_dir: str | None,
+                  command: str | None) -> None:
+    """One cell in a process of its own (``--jobs``): run, resuming from its checkpoint."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    imputation.run(config, method, mask, path, device, (path / "checkpoint.pt").is_file(), False, data_dir,
+                   command)
+
+
+def run_pending(config: dict[str, Any], masks: list[str], methods: list[str], ctx: RunContext) -> None:
+    """``--jobs`` > 1: every cell without a result.json (table and sweep), ``jobs`` at a time, one process
+    each (:func:`experiments.common.run_concurrently`)."""
+    force = ctx.args.force
+    cells = [(config, method, mask, ctx.out / mask / method) for mask in masks for method in methods]
+    if not ctx.args.no_sweep:
+        cells += [c[:4] for c in sweep_cells(config, ctx.out)]
+    pending = [c for c in cells if force or not (c[3] / "result.json").is_file()]
+    calls = [(f"{c[3].relative_to(ctx.out)}", _cell_process,
+              {"config": c[0], "method": c[1], "mask": c[2], "out": str(c[3]), "data_dir": ctx.data_dir,
+               "command": ctx.command}) for c in pending]
+    run_concurrently(calls, ctx.args.jobs, ctx.device, ctx.progress)
 
 
 def fmt(entry: dict[str, Any] | None, key: str = "nll_per_image", digits: int = 1) -> str:
@@ -377,6 +412,9 @@ def run(config: dict[str, Any], ctx: RunContext) -> None:
     masks = args.masks or config["table"]["masks"]
     methods = args.methods or config["table"]["methods"]
     run = not args.report_only
+    if run and args.jobs > 1:
+        run_pending(config, masks, methods, ctx)  # then the loop below reads every cell back
+        args.force = False  # the cells just run are this table's, not old ones to redo
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for mask in masks:
         for method in methods:

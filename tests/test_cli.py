@@ -190,3 +190,18 @@ def test_benchmark_rejects_bad_numbers_in_one_line(argv, message, capsys):
         benchmark_gpsi.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_table_jobs_run_cells_concurrently_with_the_serial_numbers(tmp_path):
+    """--jobs 2 runs the table's cells in two processes; each cell is the run the serial table makes."""
+    from experiments import imputation_table
+
+    base = ["--preset", "quick", "--epochs", "1", "--eval-limit", "8", "--masks", "mar-4", "--methods",
+            "gpsi-add", "tm-honest", "--no-sweep", "--no-progress", "--device", "cpu"]
+    assert imputation_table.main([*base, "--jobs", "2", "--out", str(tmp_path / "jobs")]) == 0
+    assert imputation_table.main([*base, "--out", str(tmp_path / "serial")]) == 0
+    jobs, serial = (json.loads((tmp_path / d / "table.json").read_text())["cells"]["mar-4"]
+                    for d in ("jobs", "serial"))
+    assert set(jobs) == {"gpsi-add", "tm-honest"}
+    for method in jobs:
+        assert jobs[method]["mse"] == serial[method]["mse"]
