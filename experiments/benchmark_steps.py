@@ -23,7 +23,9 @@ it in float64): the floor is the same computation without Pyro's tracing, replay
 Variants timed per model (each a full step on one fixed batch and the same module: loss, backward, Adam step,
 gradients cleared):
 
-- ``svi``: ``pyro.infer.SVI(...).step`` (the Trainer's SVI mode does the same per step);
+- ``svi``: ``pyro.infer.SVI(...).step`` with argument validation on;
+- ``svi-novalid``: the same with validation off, which is what the Trainer's SVI mode does per step by
+  default (``Trainer(validate=None)``);
 - ``pyro-diff``: the objective's ``differentiable_loss``, backward, ``torch.optim.Adam``;
 - ``pyro-diff-novalid``: the same with Pyro's and torch.distributions' argument validation off;
 - ``handwritten``: the hand-written loss, eager;
@@ -83,7 +85,8 @@ SHAPE = (28, 28)  # Fashion-MNIST-shaped random data: the timing does not depend
 LR = 1e-4
 MASK = "mcar-80"
 VARIANTS = {
-    "svi": "Pyro SVI.step (+ pyro.optim.Adam)",
+    "svi": "Pyro SVI.step (+ pyro.optim.Adam), argument validation on",
+    "svi-novalid": "the same with validation off: the Trainer's training step by default",
     "pyro-diff": "objective.differentiable_loss + backward + torch Adam",
     "pyro-diff-novalid": "the same, argument validation off",
     "handwritten": "hand-written loss (same computation) + backward + torch Adam, eager",
@@ -238,6 +241,11 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
     pyro.clear_param_store()
     m, args = case.module, case.inputs
     svi = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": LR}), type(case.objective)())
+    svi_novalid = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": LR}), type(case.objective)())
+
+    def svi_step_novalid() -> float:
+        with pyro.validation_enabled(False):
+            return svi_novalid.step(*args)
     opts = {k: torch.optim.Adam(m.parameters(), lr=LR) for k in VARIANTS}
 
     def step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> torch.Tensor:
@@ -256,6 +264,7 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
 
     actions = {
         "svi": lambda: svi.step(*args),
+        "svi-novalid": svi_step_novalid,
         "pyro-diff": lambda: step(pyro_loss, opts["pyro-diff"]),
         "pyro-diff-novalid": lambda: step(novalid, opts["pyro-diff-novalid"]),
         "handwritten": lambda: step(lambda: case.handwritten(m, *args), opts["handwritten"]),

@@ -26,7 +26,8 @@ from ppl_models.vae import VAE
 
 #: Command-line options that are not configuration.
 NOT_CONFIG = {"preset", "out", "data_dir", "device", "resume", "force", "no_progress", "variants", "masks",
-              "methods", "no_sweep", "report_only", "method", "mask", "set", "redo_finetune", "text", "jobs"}
+              "methods", "no_sweep", "report_only", "method", "mask", "set", "redo_finetune", "text", "jobs",
+              "validate"}
 
 
 def resolve_config(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -113,6 +114,10 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
         help="directory with the Fashion-MNIST IDX .gz files (default: $SEQGEN_FASHION_MNIST_DIR, "
         "else /usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist)",
     )
+    parser.add_argument("--validate", action="store_true",
+                        help="Pyro's and torch.distributions' argument checks in the training step too (off "
+                        "there by default: they change no number and cost time per step; always on in the "
+                        "tests)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--seed", type=non_negative_int, default=None,
@@ -265,6 +270,8 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
 
     out = None
     try:
+        if getattr(args, "validate", False):
+            os.environ["SEQGEN_VALIDATE"] = "1"  # read by every Trainer of this run (and its --jobs cells)
         # Under torchrun: join the process group (this process's GPU is cuda:LOCAL_RANK).
         device = distributed.init_from_env(str(resolve_device(args.device)))
         if distributed.world_size() > 1:

@@ -232,6 +232,11 @@ class Trainer:
     :param progress: show a tqdm progress bar.
     :param clip_norm: if set, clip the global gradient norm of the step's parameters to this value.
     :param checkpoint_every_steps: also checkpoint every this many global steps (inside epochs).
+    :param validate: Pyro's and torch.distributions' argument checks during the training step. ``None``
+        (default): on only where the environment variable ``SEQGEN_VALIDATE`` is ``1`` (the test suite sets
+        it; the experiments' ``--validate`` does), else off. The checks change no number, and cost a few
+        milliseconds per step, which is a large part of a GPU step at small batch. Pyro's setting outside the
+        step (evaluation, sampling) is left alone.
     :param keep_best: name of a metric returned by ``evaluate`` to *maximise* (e.g. a validation ELBO):
         the module weights of the best epoch so far are written atomically to ``out_dir/best.pt``
         (``{"module", "epoch", "metric", "value"}``); :meth:`load_best` puts them back in ``module``.
@@ -258,6 +263,7 @@ class Trainer:
         clip_norm: float | None = None,
         checkpoint_every_steps: int | None = None,
         keep_best: str | None = None,
+        validate: bool | None = None,
     ):
         _check_arguments(model, guide, module, loss, batch_size, epochs, seed, transform, evaluate, clip_norm,
                          checkpoint_every_steps, keep_best)
@@ -265,6 +271,7 @@ class Trainer:
         self.batch_size, self.epochs, self.seed = batch_size, epochs, seed
         self.transform, self.evaluate, self.progress = transform, evaluate, progress
         self.clip_norm, self.keep_best = clip_norm, keep_best
+        self.validate = os.environ.get("SEQGEN_VALIDATE") == "1" if validate is None else bool(validate)
         self.checkpoint_every_steps = checkpoint_every_steps
         self.device = resolve_device(device)
         self._data, self._data_is_tuple = _check_data(train_data)
@@ -472,11 +479,12 @@ class Trainer:
     def _main_step(self, batch: Batch, epoch: int) -> tuple[float, dict[str, float]]:
         """One optimiser step; returns the batch's (summed) ELBO loss and generator-loss terms."""
         args = batch if isinstance(batch, tuple) else (batch,)
-        if self._online:  # SVI mode, checked at construction
-            return self._online_step(args, epoch)
-        if self.mode == "svi":
-            return self._svi_step(batch, args, epoch)
-        return self._diff_step(batch, args, epoch)
+        with pyro.validation_enabled(self.validate):
+            if self._online:  # SVI mode, checked at construction
+                return self._online_step(args, epoch)
+            if self.mode == "svi":
+                return self._svi_step(batch, args, epoch)
+            return self._diff_step(batch, args, epoch)
 
     def _generator_terms(self, batch: Batch) -> tuple[torch.Tensor | None, dict[str, float]]:
         """The sum of the hooks' :meth:`ExtraTerm.generator_loss` terms (None if none) and their values."""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pyro
 import pytest
 import torch
+
+# Tests train with Pyro's argument validation on (the Trainer's training step has it off by default).
+os.environ.setdefault("SEQGEN_VALIDATE", "1")
 
 
 @pytest.fixture

@@ -692,3 +692,42 @@ def test_train_best_runs_a_hook_with_a_generator_term_in_its_pyro_optimiser_mode
     assert out["epochs"] == 2
     logged = read_metrics(tmp_path)
     assert all("disc/generator_loss" in m and "disc/loss" in m for m in logged)
+
+
+@pytest.mark.parametrize("kind", ["adam", "diff"])
+def test_validation_switch_changes_no_number_and_is_scoped_to_the_step(tmp_path, kind):
+    """Trainer(validate=False) runs the step with Pyro's checks off and gives bit-identical weights to
+    validate=True; Pyro's own setting outside the step is left as it was."""
+    seen = []
+    weights = {}
+    for validate in (True, False):
+        vae = make_vae()
+        model, guide = make_model_guide(vae)
+
+        def watched(x, model=model, validate=validate):
+            seen.append((validate, pyro.infer.util.is_validation_enabled()))
+            return model(x)
+
+        trainer = Trainer(watched, guide, vae, Trace_ELBO(), make_optimizer(kind), make_data(), batch_size=8,
+                          epochs=2, seed=3, device="cpu", out_dir=tmp_path / str(validate), progress=False,
+                          validate=validate)
+        assert pyro.infer.util.is_validation_enabled()  # the global default, before and after
+        trainer.fit()
+        assert pyro.infer.util.is_validation_enabled()
+        weights[validate] = {k: v.clone() for k, v in vae.state_dict().items()}
+    assert {v for v, on in seen if on} == {True} and {v for v, on in seen if not on} == {False}
+    for k, v in weights[True].items():
+        assert torch.equal(weights[False][k], v), k
+
+
+def test_validation_default_follows_the_environment(monkeypatch, tmp_path):
+    vae = make_vae()
+    model, guide = make_model_guide(vae)
+    for value, expected in (("1", True), ("0", False), (None, False)):
+        if value is None:
+            monkeypatch.delenv("SEQGEN_VALIDATE", raising=False)
+        else:
+            monkeypatch.setenv("SEQGEN_VALIDATE", value)
+        t = Trainer(model, guide, vae, Trace_ELBO(), make_optimizer("adam"), make_data(), batch_size=8,
+                    epochs=1, seed=0, device="cpu", out_dir=tmp_path, progress=False)
+        assert t.validate is expected
