@@ -66,13 +66,14 @@ from experiments.benchmark_gpsi import (
     PROTOCOL,
     _load_average,
     add_timing_args,
+    device_and_threads,
     environment,
     environment_sentence,
     paired_ratio,
     summarise,
     time_interleaved,
 )
-from experiments.common import Parser, build_registered, non_negative_int, positive_int, resolve_device
+from experiments.common import Parser, build_registered, non_negative_int, positive_int
 from experiments.config import load_preset, raw_presets
 from experiments.data import IMAGE_SHAPES, DataError, load_dataset
 from experiments.diffusion import GREY_LEVELS, model_sizes
@@ -440,10 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = {**load_preset(EXPERIMENT, args.preset), "preset": args.preset}
-    try:
-        device = str(resolve_device(args.device))
-    except ValueError as e:
-        parser.error(str(e))
+    device = device_and_threads(parser, args)
     if args.no_validation:
         pyro.enable_validation(False)
     losses = LOSSES if args.loss == "both" else (args.loss,)

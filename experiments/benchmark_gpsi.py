@@ -444,6 +444,18 @@ def add_timing_args(parser: argparse.ArgumentParser) -> None:
                         "as in training)")
 
 
+def device_and_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The benchmark's resolved ``--device`` (a usage error naming the available ones if it is not), after
+    setting torch's intra-op threads to ``--threads`` where the parser has that option and it was given."""
+    try:
+        device = str(resolve_device(args.device))
+    except ValueError as e:
+        parser.error(str(e))
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return device
+
+
 def build_parser() -> argparse.ArgumentParser:
     presets = raw_presets(EXPERIMENT)
     parser = Parser(
@@ -485,12 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         make_mask_process(mask_spec, shape)
     except ValueError as e:
         parser.error(str(e))
-    try:
-        device = str(resolve_device(args.device))
-    except ValueError as e:
-        parser.error(str(e))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_and_threads(parser, args)
     if args.no_validation:
         pyro.enable_validation(False)
     out = Path(args.out or f"{DEFAULT_OUT}/{args.preset}")

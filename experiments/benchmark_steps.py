@@ -62,13 +62,14 @@ from experiments.benchmark_diffusion import handwritten_simple_loss
 from experiments.benchmark_gpsi import (
     PROTOCOL,
     _load_average,
+    device_and_threads,
     environment,
     environment_sentence,
     handwritten_gpsi_loss,
     summarise,
     time_interleaved,
 )
-from experiments.common import Parser, build_registered, non_negative_int, positive_int, resolve_device
+from experiments.common import Parser, build_registered, non_negative_int, positive_int
 from experiments.config import load_preset
 from experiments.diffusion import model_sizes
 from experiments.report import markdown_table, reproduce_command, write_report
@@ -420,12 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         parser.error(f"--models: unknown {unknown or 'empty list'}; choose from {','.join(MODELS)}")
-    try:
-        device = str(resolve_device(args.device))
-    except ValueError as e:
-        parser.error(str(e))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_and_threads(parser, args)
     out = Path(args.out or f"{DEFAULT_OUT}/{args.sizes}")
     run(models, args.sizes, args.batch_size, device, args.repeats, args.warmup, args.seed,
         not args.no_compile, out, progress=not args.no_progress,
