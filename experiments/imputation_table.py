@@ -29,6 +29,7 @@ from experiments import imputation
 from experiments.common import positive_int, run_concurrently
 from experiments.report import degenerate_cell, fmt_or_na, markdown_table, write_json, write_report
 from experiments.runner import Experiment, RunContext
+from inference import distributed
 from inference.checkpoint import save_figure
 
 EXPERIMENT = "imputation"
@@ -413,6 +414,9 @@ def run(config: dict[str, Any], ctx: RunContext) -> None:
     methods = args.methods or config["table"]["methods"]
     run = not args.report_only
     if run and args.jobs > 1:
+        if distributed.world_size() > 1:
+            raise ValueError("--jobs runs cells in processes of their own: it cannot be combined with "
+                             "torchrun (use one or the other)")
         run_pending(config, masks, methods, ctx)  # then the loop below reads every cell back
         args.force = False  # the cells just run are this table's, not old ones to redo
     cells: dict[str, dict[str, dict[str, Any]]] = {}

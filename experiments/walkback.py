@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ from experiments.report import (
     write_report,
 )
 from experiments.runner import Experiment, RunContext
+from inference import distributed
 from inference.checkpoint import save_figure
 from inference.fd_classifier import (
     CLASSIFIERS,
@@ -172,17 +174,27 @@ def bound_of(pair: VariationalWalkback, x: torch.Tensor, batch_size: int) -> tor
                                  batch_size=batch_size))
 
 
+def walk_transform(pair: VariationalWalkback, base: Callable | None) -> Callable:
+    """The training transform: a walk length K = ceil(log2 T_max) + n, n ~ U{0..N1}, drawn per minibatch
+    (Eq. 3.1), then ``base`` (binarisation) if any. Under torchrun every process takes rank 0's K, so all run
+    the same number of online steps (and collectives)."""
+
+    def transform(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        pair.draw_walk(g)
+        if distributed.is_distributed():
+            pair.n, pair.walk_steps = distributed.broadcast_object((pair.n, pair.walk_steps))
+        return x if base is None else base(x, g)
+
+    return transform
+
+
 def train_form(pair: VariationalWalkback, form: str, config: dict[str, Any], fd: dict[str, Any], out: Path,
                ctx: RunContext) -> dict[str, Any]:
     t, sizes, ev = config[f"train_{form}"], config[form], config["eval"]
     out.mkdir(parents=True, exist_ok=True)
     loss = OnlineWalkbackELBO(pair) if sizes["update"] == "online" else Trace_ELBO()
     longest = max(walks(form, config)[0])
-    base = fd["transform"]
-
-    def transform(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        pair.draw_walk(g)  # K = ceil(log2 T_max) + n, n ~ U{0..N1}, per minibatch (Eq. 3.1)
-        return x if base is None else base(x, g)
+    transform = walk_transform(pair, fd["transform"])
 
     def batch_nll(x: torch.Tensor) -> torch.Tensor:
         pair.eval()

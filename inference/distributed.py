@@ -23,7 +23,10 @@ How a step is shared (:class:`inference.train.Trainer` does it; the symbols are 
   is the gradient of the loss summed over the whole minibatch. Every process then clips and steps the same
   gradient from the same weights (rank 0's, broadcast at the start as ``DistributedDataParallel`` does), so
   the weights stay identical without further communication. A step of N processes therefore equals a
-  single-process step on the concatenated shards (``tests/test_distributed.py`` checks it with gloo);
+  single-process step on the concatenated shards (``tests/test_distributed.py`` checks it with gloo), for
+  models whose buffers do not depend on the minibatch. Batch-norm layers (the convolutional VAE, walkback's
+  ``norm="batch"``) normalise with their own shard's statistics, as under ``DistributedDataParallel``
+  without ``SyncBatchNorm``; variational walkback's p* moments are computed over the whole minibatch;
 - why not the ``DistributedDataParallel`` wrapper: in the Trainer's SVI mode Pyro back-propagates inside
   ``ELBO.loss_and_grads``, where a wrapper's ``forward`` is never called, so its gradient hooks would not
   fire. The Trainer issues the same collective DDP does (one all-reduce over a flat bucket of gradients)
@@ -35,11 +38,22 @@ How a step is shared (:class:`inference.train.Trainer` does it; the symbols are 
   ``gradient_reduction = "sum"``);
 - randomness: the global torch/numpy/python RNGs (the guide's draws) and the generator handed to
   ``transform`` (dynamic binarisation, masks) are seeded per process (:func:`rank_seed`; rank 0 keeps the
-  run's seed), so shards do not share noise; checkpoints hold every process's RNG states;
+  run's seed), so shards do not share noise; checkpoints hold every process's RNG states. A ``transform``
+  that also makes a choice for the whole minibatch (walkback's walk length) must take rank 0's
+  (:func:`broadcast_object`), or the processes would run different numbers of steps;
+- evaluation between epochs runs on every process (the same weights); rank 0's metrics decide the best
+  epoch everywhere, and rank 0's module state is broadcast afterwards (an evaluation may fit a variance).
+  The hooks' logged metrics are rank 0's shard's;
+- control flow must agree: every decision that leads to a collective (a hook's gate, a non-finite stop) is
+  taken on all-reduced quantities, so all processes step alike;
 - files: only rank 0 writes (:func:`is_writer` gates :func:`inference.checkpoint.atomic_write`, through which
   every checkpoint, JSON, markdown page and figure is written); the others read what it wrote (resume, the
   best epoch) after a barrier. The output directory must therefore be on a file system every node sees.
   Evaluation after training runs on every process (same weights) and only rank 0's report is kept.
+
+Limits: ``--device cuda:N`` is replaced by ``cuda:LOCAL_RANK`` (torchrun chooses the GPUs); ``pyro.param``
+sites outside the module are created by each process (none of this project's models has one); ``--jobs``
+of the imputation table cannot be combined with torchrun.
 """
 
 from __future__ import annotations
@@ -52,7 +66,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "all_gather_object", "all_reduce_gradients", "all_reduce_sum", "barrier", "broadcast_module",
+    "all_gather_object", "all_reduce_gradients", "all_reduce_sum", "all_reduce_tensor", "barrier",
+    "broadcast_module", "gather_to_writer",
     "broadcast_object", "init_from_env", "is_distributed", "is_writer", "rank", "rank_seed", "shard",
     "shutdown", "world_size",
 ]
@@ -153,6 +168,24 @@ def all_reduce_gradients(params: Iterable[torch.Tensor], average: bool = False) 
     chunks = flat[: sum(sizes)].split(sizes)
     for p, g, seen in zip(params, chunks, flat[sum(sizes):].tolist(), strict=True):
         p.grad = g.view_as(p).to(p.dtype).clone() if seen > 0 else None
+
+
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over processes (a new tensor; ``t`` itself outside a group)."""
+    if not is_distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def gather_to_writer(obj: Any) -> list[Any] | None:
+    """Every process's ``obj`` in rank order on rank 0 (``None`` elsewhere; ``[obj]`` outside a group)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def broadcast_module(module: torch.nn.Module) -> None:

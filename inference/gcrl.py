@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from pyro.infer import ELBO
 from torch import nn
 
+from inference import distributed
 from inference.train import ExtraTerm
 from ppl_models.gcrl import GCAgent, GCRLGenerator
 
@@ -242,7 +243,10 @@ class GCAgentUpdate(ExtraTerm):
         target = double_dqn_target(agent, t["next_state"], t["step"], goal, t["loss"], self.pair.steps)
         q = agent.q(t["state"], t["step"], goal).gather(-1, t["selection"][:, None]).squeeze(-1)
         q_loss = F.mse_loss(q, target)
-        if not math.isfinite(float(q_loss.detach())):
+        bad = not math.isfinite(float(q_loss.detach()))
+        if distributed.is_distributed():  # every process stops, or none (the optimiser all-reduces)
+            bad = distributed.all_reduce_sum([float(bad)], q_loss.device)[0] > 0
+        if bad:
             raise FloatingPointError(f"the Q-network's loss is {float(q_loss.detach())}")
         q_loss.backward()
         self.optimizer.step()

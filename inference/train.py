@@ -226,7 +226,8 @@ class Trainer:
     :param device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (or a :class:`torch.device`).
     :param out_dir: directory for ``checkpoint.pt`` and ``metrics.jsonl``; created if missing.
     :param transform: ``transform(batch, generator) -> batch`` applied to each minibatch on the device,
-        e.g. dynamic binarisation; draw its randomness from ``generator`` (which lives on the device).
+        e.g. dynamic binarisation; draw its randomness from ``generator`` (which lives on the device). Under
+        torchrun the batch is this process's shard and the generator is this process's own.
     :param evaluate: ``evaluate(epoch) -> dict`` called after each epoch; its scalars join the metrics.
     :param extras: :class:`ExtraTerm` hooks.
     :param progress: show a tqdm progress bar.
@@ -301,7 +302,7 @@ class Trainer:
             distributed.broadcast_module(self.module)
             for extra in self.extras:
                 distributed.broadcast_module(extra.module)
-                _all_reduce_before_step(extra)
+        self._hook_handles: list[Any] = []
         self._online = callable(getattr(loss, "online_losses", None))
         if self._online:
             adding = [_extra_name(e) for e in self.extras
@@ -392,7 +393,15 @@ class Trainer:
         self.module.train()
         for extra in self.extras:
             extra.module.train()
-        self._train()
+        if self.world_size > 1:
+            self._hook_handles = [h for extra in self.extras if (h := _all_reduce_before_step(extra))]
+        try:
+            self._train()
+        finally:
+            for handle in self._hook_handles:  # a hook reused by another Trainer must not reduce twice
+                handle.remove()
+            self._hook_handles = []
+        distributed.barrier()  # every file of this run is written before any process goes on to read it
         return [dict(m) for m in self.metrics]
 
     # ------------------------------------------------------------------ training loop
@@ -594,10 +603,13 @@ class Trainer:
         raise NonFiniteLossError(epoch, self.step + 1, value, path)
 
     def _run_evaluate(self, epoch: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        # Under torchrun rank 0 evaluates (the weights are the same everywhere) and the others take its
-        # metrics, so that every process makes the same keep-best decision.
-        result = self.evaluate(epoch) if distributed.is_writer() else None
-        result = distributed.broadcast_object(result)
+        result = self.evaluate(epoch)
+        if self.world_size > 1:
+            # Every process evaluates (no process idles at a collective meanwhile), then takes rank 0's
+            # metrics, so that all make the same keep-best decision, and rank 0's module state, in case
+            # evaluate changed some (a fitted variance, batch-norm statistics).
+            result = distributed.broadcast_object(result)
+            distributed.broadcast_module(self.module)
         if result is None:
             result = {}
         if not isinstance(result, Mapping):
@@ -634,6 +646,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _save(self, epoch_state: dict[str, Any] | None) -> None:
+        own = self._own_state()
         state: dict[str, Any] = {
             "format_version": _FORMAT_VERSION,
             "mode": self.mode,
@@ -651,14 +664,15 @@ class Trainer:
             "extra_names": [_extra_name(extra) for extra in self.extras],
             "data_generator": self.generator.get_state(),
             "metrics": self.metrics,
-            **self._own_state(),
         }
-        if self.world_size > 1:
-            # What differs between processes, every process's, in rank order: RNGs, hooks (replay buffers),
-            # the module's buffers (batch-norm statistics of its own shards).
+        if self.world_size == 1:
+            state.update(own)
+        else:
+            # What may differ between processes, every process's, in rank order, gathered on rank 0 (which
+            # writes): RNGs, the transform's generator, hooks (replay buffers), the module's buffers.
             state["world_size"] = self.world_size
-            state["ranks"] = distributed.all_gather_object(
-                {**self._own_state(), "transform_generator": self.transform_generator.get_state(),
+            state["ranks"] = distributed.gather_to_writer(
+                {**own, "transform_generator": self.transform_generator.get_state(),
                  "module_buffers": {k: b.cpu() for k, b in self.module.named_buffers()}})
         save_checkpoint(state, self.checkpoint_path)
         self._has_checkpoint = True
@@ -794,16 +808,17 @@ def _check_shards(num_data: int, batch_size: int, world: int) -> None:
             "processes or a batch size whose last minibatch is large enough")
 
 
-def _all_reduce_before_step(extra: ExtraTerm) -> None:
-    """Make ``extra``'s optimiser all-reduce its gradients (mean or sum, as the hook says) before stepping."""
+def _all_reduce_before_step(extra: ExtraTerm) -> Any:
+    """Make ``extra``'s optimiser all-reduce its gradients (mean or sum, as the hook says) before stepping;
+    returns the hook's handle (``None`` for a hook without optimiser)."""
     if extra.optimizer is None:
-        return
+        return None
     if extra.gradient_reduction not in ("mean", "sum"):
         raise ValueError(f"{_extra_name(extra)}.gradient_reduction must be 'mean' or 'sum', got "
                          f"{extra.gradient_reduction!r}")
     params = [p for group in extra.optimizer.param_groups for p in group["params"]]
     average = extra.gradient_reduction == "mean"
-    extra.optimizer.register_step_pre_hook(
+    return extra.optimizer.register_step_pre_hook(
         lambda optimizer, args, kwargs: distributed.all_reduce_gradients(params, average=average))
 
 

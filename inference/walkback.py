@@ -30,6 +30,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch import nn
 
+from inference import distributed
 from inference.train import ExtraTerm
 from ppl_models.walkback import VariationalWalkback
 
@@ -91,7 +92,16 @@ class PStarMoments(ExtraTerm):
         if self.pair.last_end is None:
             raise RuntimeError("p* is updated from the guide's end states: run the guide (a training step) "
                                "first")
-        self.pair.update_star(self.pair.last_end, self.momentum)
+        end = self.pair.last_end
+        if distributed.is_distributed():
+            # the moments of the whole minibatch's end states, every process's shard counted
+            count, total, squares = (distributed.all_reduce_tensor(t) for t in (
+                end.new_tensor(float(end.shape[0])), end.sum(0), end.pow(2).sum(0)))
+            mean = total / count
+            var = (squares - count * mean.pow(2)) / (count - 1).clamp(min=1)
+            self.pair.update_star_moments(mean, var, int(count), self.momentum)
+        else:
+            self.pair.update_star(end, self.momentum)
         out = {"mean": float(self.pair.star_mean.mean())}
         if self.pair.form == "gaussian":  # a Bernoulli p* has no variance of its own
             out["sd"] = float(self.pair.star_var.sqrt().mean())

@@ -204,4 +204,5 @@ def test_table_jobs_run_cells_concurrently_with_the_serial_numbers(tmp_path):
                     for d in ("jobs", "serial"))
     assert set(jobs) == {"gpsi-add", "tm-honest"}
     for method in jobs:
-        assert jobs[method]["mse"] == serial[method]["mse"]
+        # the same run; a child process may have another thread count, hence float round-off at most
+        assert jobs[method]["mse"] == pytest.approx(serial[method]["mse"], rel=1e-5)

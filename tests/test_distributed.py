@@ -116,6 +116,28 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     trainer, module, critic = _trainer(root_path / "resumed", "svi", stochastic=True, epochs=2)
     trainer.fit(resume=True)
     results["resumed"] = _weights(module, critic)
+    # Variational walkback online: one walk length per minibatch on every process (else the processes run
+    # different numbers of steps and collectives), p*'s moments from the whole minibatch.
+    from experiments.walkback import walk_transform
+    from inference.walkback import OnlineWalkbackELBO, PStarMoments
+    from ppl_models.walkback import VariationalWalkback
+
+    torch.manual_seed(0)
+    pair = VariationalWalkback(4, form="gaussian", hidden=(8,), t_max=16.0, max_extra=3)
+    walks = []
+    base = walk_transform(pair, None)
+
+    def transform(x, g):
+        x = base(x, g)
+        walks.append(pair.walk_steps)
+        return x
+
+    Trainer(pair.model, pair.guide, pair, OnlineWalkbackELBO(pair), pyro.optim.Adam({"lr": 1e-3}),
+            train_data=torch.randn(32, 4, generator=torch.Generator().manual_seed(1)), batch_size=8, epochs=1,
+            seed=0, device="cpu", out_dir=root_path / "walkback", extras=[PStarMoments(pair)], progress=False,
+            transform=transform).fit()
+    results["walks"] = walks
+    results["walkback"] = {k: v.clone() for k, v in pair.state_dict().items()}
     torch.save(results, root_path / f"rank{rank}.pt")  # not through atomic_write: every rank reports
     distributed.shutdown()
 
@@ -173,6 +195,13 @@ def test_processes_draw_their_own_noise_and_rank_zero_the_single_process_s(two_p
     assert not torch.equal(ranks[0]["noise"], ranks[1]["noise"])
     _trainer(tmp_path, "diff", stochastic=False, epochs=1)
     assert torch.equal(torch.rand(4), ranks[0]["noise"])
+
+
+def test_walkback_runs_one_walk_length_and_one_p_star_on_every_process(two_process_run):
+    _, ranks = two_process_run
+    assert ranks[0]["walks"] == ranks[1]["walks"] and len(set(ranks[0]["walks"])) > 1  # K varied, alike
+    for name, value in ranks[0]["walkback"].items():  # weights and p*'s moments agree
+        assert torch.equal(ranks[1]["walkback"][name], value), name
 
 
 def test_checkpoint_of_two_processes_is_refused_by_one(two_process_run, tmp_path):
