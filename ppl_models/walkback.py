@@ -230,6 +230,15 @@ class VariationalWalkback(ModelGuidePair):
         if self.form == "gaussian" and end_states.shape[0] > 1:
             self.star_var.lerp_(end_states.var(0).clamp(min=1e-4), momentum)
 
+    @torch.no_grad()
+    def update_star_moments(self, mean: torch.Tensor, var: torch.Tensor, count: int,
+                            momentum: float = 0.1) -> None:
+        """:meth:`update_star` from the end states' mean and (unbiased) variance over ``count`` states, as
+        data-parallel training computes them across processes."""
+        self.star_mean.lerp_(mean, momentum)
+        if self.form == "gaussian" and count > 1:
+            self.star_var.lerp_(var.clamp(min=1e-4), momentum)
+
     def _detached_operator(self, s: torch.Tensor, T: float) -> dist.TorchDistribution:
         params = {k: v.detach() for k, v in self.operator.named_parameters()}
         buffers = dict(self.operator.named_buffers())
