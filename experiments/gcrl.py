@@ -128,10 +128,14 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     test = data.test[: config["eval_limit"]] if config["eval_limit"] else data.test
     pair = build_registered("gcrl", config["agent"], data.train.shape[1], image_shape=shape).to(device)
     t0 = time.time()
-    agent_fit = train_agent(pair, config, data, ctx.out / "agent", device, ctx.resume, ctx.progress)
+    # Each stage resumes where it has a checkpoint: a run stopped during the agent's training has none for
+    # the VAE yet.
+    agent_fit = train_agent(pair, config, data, ctx.out / "agent", device,
+                            ctx.resume and (ctx.out / "agent" / "checkpoint.pt").is_file(), ctx.progress)
     agent_fit["seconds_this_process"] = time.time() - t0
     t0 = time.time()
-    vae, vae_fit = train_vae(config, data, ctx.out / "vae", device, ctx.resume, ctx.progress)
+    vae, vae_fit = train_vae(config, data, ctx.out / "vae", device,
+                             ctx.resume and (ctx.out / "vae" / "checkpoint.pt").is_file(), ctx.progress)
     vae_fit["seconds_this_process"] = time.time() - t0
     pair.eval()
 

@@ -49,6 +49,17 @@ def test_the_experiment_reports_table_1_and_the_bound_and_saves_loadable_runs(tm
     assert (agent.model_name, vae.model_name) == ("gcrl", "conv-vae")
     assert agent.module.sample(3).shape == (3, 64) and vae.module.sample(3).shape == (3, 64)
 
+    # A run stopped after the agent's training, before the VAE's, resumes: the VAE starts afresh.
+    import shutil
+
+    shutil.rmtree(out / "vae")
+    (out / "results.json").unlink()
+    assert _run(out, "--resume") == 0
+    assert len((out / "vae" / "metrics.jsonl").read_text().splitlines()) == 1
+    again = json.loads((out / "results.json").read_text())["methods"]["gcrl"]
+    assert {k: v for k, v in again.items() if "seconds" not in k} == \
+        {k: v for k, v in r["methods"]["gcrl"].items() if "seconds" not in k}
+
 
 def test_a_diffusion_run_of_another_kind_is_a_clear_error(tmp_path, capsys):
     # a committed diffusion run, but of Fashion-MNIST
