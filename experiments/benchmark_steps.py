@@ -372,8 +372,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Data: {r['data']}. Adam, lr {r['lr']}. Sizes: {sizes}.",
         "",
         "Each cell: median ms (IQR) ×ratio to the hand-written eager step. Compile: seconds of the compiled "
-        "loss's first call (forward and backward). Check: relative difference of the Pyro and hand-written "
-        "losses at the same seed (float32).",
+        "loss's first call in this process (forward and backward; inductor's on-disk cache may hold an "
+        "earlier run's compilation, so this can be far below a cold compile). The compiled variant draws "
+        "its noise with inductor's own generator (same distributions, other numbers). Check: relative "
+        "difference of the Pyro and hand-written losses at the same seed (float32).",
         "",
         markdown_table(["model", *[f"{k}" for k in names], "compile s", "check"], rows),
         "",

@@ -288,7 +288,9 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 GCRL_EXPERIMENT = Experiment(name=EXPERIMENT, prog="python -m experiments.gcrl", description=__doc__,
-                             default_out=DEFAULT_OUT, run=run, summary=(("results.md", "results.json"),))
+                             default_out=DEFAULT_OUT, run=run, summary=(("results.md", "results.json"),),
+                             # the evaluation's sizes change no training: a finished run may be re-scored
+                             resumable=("eval.",))
 
 
 def main(argv: list[str] | None = None) -> int:
