@@ -66,7 +66,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "all_gather_object", "all_reduce_gradients", "all_reduce_sum", "all_reduce_tensor", "barrier",
+    "all_reduce_gradients", "all_reduce_sum", "all_reduce_tensor", "barrier",
     "broadcast_module", "gather_to_writer",
     "broadcast_object", "init_from_env", "is_distributed", "is_writer", "rank", "rank_seed", "shard",
     "shutdown", "world_size",
@@ -205,15 +205,6 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every process's ``obj``, in rank order (``[obj]`` outside a group)."""
-    if not is_distributed():
-        return [obj]
-    out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def barrier() -> None:
