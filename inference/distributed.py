@@ -19,19 +19,25 @@ How a step is shared (:class:`inference.train.Trainer` does it; the symbols are 
   minibatch of ``batch_size`` indices is split into ``world_size`` contiguous shards (:func:`shard`), one
   per process: the global minibatch is the single-process one, so presets keep their meaning;
 - each process computes the ELBO loss of its shard, *summed* over the shard as every loss in this library
-  is, and back-propagates; :func:`all_reduce_gradients` then *sums* the gradients over processes, which
-  is the gradient of the loss summed over the whole minibatch. Every process then clips and steps the same
-  gradient from the same weights (rank 0's, broadcast at the start as ``DistributedDataParallel`` does), so
-  the weights stay identical without further communication. A step of N processes therefore equals a
-  single-process step on the concatenated shards (``tests/test_distributed.py`` checks it with gloo), for
-  models whose buffers do not depend on the minibatch. Batch-norm layers (the convolutional VAE, walkback's
-  ``norm="batch"``) normalise with their own shard's statistics, as under ``DistributedDataParallel``
-  without ``SyncBatchNorm``; variational walkback's p* moments are computed over the whole minibatch;
-- why not the ``DistributedDataParallel`` wrapper: in the Trainer's SVI mode Pyro back-propagates inside
-  ``ELBO.loss_and_grads``, where a wrapper's ``forward`` is never called, so its gradient hooks would not
-  fire. The Trainer issues the same collective DDP does (one all-reduce over a flat bucket of gradients)
-  explicitly, after the backward pass, in both of its modes; what is lost is DDP's overlap of the all-reduce
-  with the backward pass, which matters only on fast interconnects at large models;
+  is, and back-propagates; the gradients are *summed* over processes, which is the gradient of the loss
+  summed over the whole minibatch. Every process then clips and steps the same gradient from the same
+  weights (rank 0's, broadcast at the start), so the weights stay identical without further communication.
+  A step of N processes therefore equals a single-process step on the concatenated shards
+  (``tests/test_distributed.py`` checks it with gloo), for models whose buffers do not depend on the
+  minibatch. Batch-norm layers (the convolutional VAE, walkback's ``norm="batch"``) normalise with their
+  own shard's statistics, as under ``DistributedDataParallel`` without ``SyncBatchNorm``; variational
+  walkback's p* moments are computed over the whole minibatch;
+- the summing is done by ``torch.nn.parallel.DistributedDataParallel`` (:func:`data_parallel`), as in
+  Pyro's Lightning example: the Trainer wraps the step's loss as a module (``ELBO.differentiable_loss``
+  plus the hooks' generator terms, whose ``forward`` returns it) and DDP all-reduces gradient buckets
+  while the backward pass still runs, in both Trainer modes (in SVI mode the Pyro optimiser then steps the
+  parameters the trace reached). Its comm hook sums instead of DDP's default average, because the losses
+  are sums; ``find_unused_parameters`` is on, so a parameter no process reached keeps no gradient, as in
+  a single-process step; buffers are not re-broadcast each step (each process keeps its own, as a replay
+  buffer must). The exception is a loss that steps online, several optimiser steps per minibatch
+  (variational walkback's :class:`inference.walkback.OnlineWalkbackELBO`): one forward cannot carry
+  several backward passes through DDP, so there the Trainer sums each term's gradients itself
+  (:func:`all_reduce_gradients`, the same collective on one flat bucket, after the backward pass);
 - the networks of :class:`inference.train.ExtraTerm` hooks (the discriminator, the guide function f, the
   Q-network) are data-parallel too: each hook's optimiser all-reduces its gradients before it steps,
   *averaged*, because hook losses are means over their minibatch (a hook whose loss is a sum sets
@@ -48,12 +54,14 @@ How a step is shared (:class:`inference.train.Trainer` does it; the symbols are 
   taken on all-reduced quantities, so all processes step alike;
 - files: only rank 0 writes (:func:`is_writer` gates :func:`inference.checkpoint.atomic_write`, through which
   every checkpoint, JSON, markdown page and figure is written); the others read what it wrote (resume, the
-  best epoch) after a barrier. The output directory must therefore be on a file system every node sees.
-  Evaluation after training runs on every process (same weights) and only rank 0's report is kept.
+  best epoch) after a barrier. The output directory must therefore be on a file system every node sees;
+- evaluation after training: the scorer :func:`inference.scoring.score_bound_and_iwae` shards its rows
+  (:func:`shard_range`) and gathers every row's score to every process (:func:`all_gather_object`); the rest
+  runs on every process (same weights) and only rank 0's report is kept.
 
 Limits: ``--device cuda:N`` is replaced by ``cuda:LOCAL_RANK`` (torchrun chooses the GPUs); ``pyro.param``
-sites outside the module are created by each process (none of this project's models has one); ``--jobs``
-of the imputation table cannot be combined with torchrun.
+sites outside the module are refused under torchrun, because DDP reduces the module's gradients only (none
+of this project's models has one); ``--jobs`` of the imputation table cannot be combined with torchrun.
 """
 
 from __future__ import annotations
@@ -64,10 +72,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 __all__ = [
-    "all_reduce_gradients", "all_reduce_sum", "all_reduce_tensor", "barrier",
-    "broadcast_module", "gather_to_writer",
+    "all_gather_object", "all_reduce_gradients", "all_reduce_sum", "all_reduce_tensor", "barrier",
+    "broadcast_module", "data_parallel", "gather_to_writer", "shard_range",
     "broadcast_object", "init_from_env", "is_distributed", "is_writer", "rank", "rank_seed", "shard",
     "shutdown", "world_size",
 ]
@@ -134,9 +143,8 @@ def rank_seed(seed: int, process: int | None = None) -> int:
 
 def shard(indices: torch.Tensor) -> torch.Tensor:
     """This process's contiguous part of a minibatch's indices (all of them outside a process group)."""
-    if not is_distributed():
-        return indices
-    return indices.tensor_split(world_size())[rank()]
+    start, stop = shard_range(indices.shape[0])
+    return indices[start:stop]
 
 
 def all_reduce_sum(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
@@ -170,6 +178,31 @@ def all_reduce_gradients(params: Iterable[torch.Tensor], average: bool = False) 
         p.grad = g.view_as(p).to(p.dtype).clone() if seen > 0 else None
 
 
+def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, with gradients *summed*
+    over processes (every loss here is a sum over its minibatch, so the sum of the shards' gradients is
+    the minibatch's), unused parameters allowed (they keep ``None`` where no process reached them) and
+    buffers left to each process after the initial broadcast. ``module`` itself outside a process group."""
+    if not is_distributed():
+        return module
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch 2.13 renamed broadcast_buffers (deprecated) to forward_sync_buffers; accept either torch.
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    sync = "forward_sync_buffers" if renamed else "broadcast_buffers"
+    wrapped = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True, **{sync: False})
+    wrapped.register_comm_hook(None, _sum_buckets)
+    return wrapped
+
+
+def _sum_buckets(state, bucket):  # unannotated: DDP refuses a bucket annotation other than dist.GradBucket
+    """DDP comm hook: all-reduce a gradient bucket as a sum (DDP's default hook divides by the world size)."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
 def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
     """The sum of ``t`` over processes (a new tensor; ``t`` itself outside a group)."""
     if not is_distributed():
@@ -177,6 +210,26 @@ def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)
     return t
+
+
+def shard_range(n: int) -> tuple[int, int]:
+    """This process's contiguous rows ``[start, stop)`` of ``n`` rows, as :func:`shard` splits them (all of
+    them outside a group): concatenated in rank order, the processes' parts are the rows in order."""
+    if not is_distributed():
+        return 0, n
+    size, extra = divmod(n, world_size())
+    r = rank()
+    start = r * size + min(r, extra)
+    return start, start + size + (1 if r < extra else 0)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every process's ``obj`` in rank order, on every process (``[obj]`` outside a group)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def gather_to_writer(obj: Any) -> list[Any] | None:

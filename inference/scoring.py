@@ -12,6 +12,10 @@ For a trained model/guide pair and a scored data set, in nats per data point (lo
 both chunked (bounded memory), and summarised by :func:`nll_summary` with standard errors over data points.
 ``data`` is one tensor or a tuple of tensors split along dim 0 together (e.g. images and masks), passed to
 ``model`` and ``guide`` as positional arguments.
+
+Under ``torchrun`` (:mod:`inference.distributed`) every process scores its contiguous share of the rows
+(of the bound's rows and, apart, of the IWAE rows) with its own noise, and every process gets all rows'
+scores back in order: the test-set evaluation uses every device. Every process must call it alike.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from inference import distributed
 from inference.importance import ImportanceEstimate, importance_log_likelihood
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 
@@ -65,18 +71,38 @@ def score_bound_and_iwae(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if iw_limit is not None and (not isinstance(iw_limit, int) or iw_limit < 0):
         raise ValueError(f"iw_limit must be None or an int >= 0 (0: all rows), got {iw_limit!r}")
-    elbo = PathwiseKL_ELBO()
-    total = 0.0
-    with torch.no_grad():
-        for _ in range(bound_draws):  # draws outside, batches inside: one path per row per draw
-            total = total + torch.cat([
-                -elbo.per_datum(model, guide, *(t[i : i + batch_size] for t in tensors))
-                for i in range(0, n, batch_size)
-            ])
     n_iw = min(iw_limit or n, n)
-    est = importance_log_likelihood(model, guide, tuple(t[:n_iw] for t in tensors), num_samples=iw_samples,
-                                    batch_size=iw_batch, chunk_size=iw_chunk, progress=progress)
-    return Scores(bound=(total / bound_draws).double().cpu(), estimate=est, bound_draws=bound_draws)
+    lo, hi = distributed.shard_range(n)
+    iw_lo, iw_hi = distributed.shard_range(n_iw)
+    elbo = PathwiseKL_ELBO()
+    total = torch.zeros(hi - lo, dtype=torch.float64)
+    if hi > lo:
+        with torch.no_grad():
+            for _ in range(bound_draws):  # draws outside, batches inside: one path per row per draw
+                total += torch.cat([
+                    -elbo.per_datum(model, guide, *(t[i : min(i + batch_size, hi)] for t in tensors))
+                    for i in range(lo, hi, batch_size)
+                ]).double().cpu()
+    est = None
+    if iw_hi > iw_lo:
+        est = importance_log_likelihood(model, guide, tuple(t[iw_lo:iw_hi] for t in tensors),
+                                        num_samples=iw_samples, batch_size=iw_batch, chunk_size=iw_chunk,
+                                        progress=progress and distributed.is_writer())
+    # estimate is None on a process with no IWAE rows; _concatenated skips it.
+    local = Scores(bound=total / bound_draws, estimate=est, bound_draws=bound_draws)
+    if not distributed.is_distributed():
+        return local
+    return _concatenated(distributed.all_gather_object(local), iw_samples)
+
+
+def _concatenated(parts: list[Scores], iw_samples: int) -> Scores:
+    """The processes' scores of their contiguous rows, in rank order, as one :class:`Scores`."""
+    ests = [p.estimate for p in parts if p.estimate is not None]
+    est = ImportanceEstimate(
+        torch.cat([e.log_likelihood.cpu() for e in ests]), np.concatenate([e.khat for e in ests]),
+        torch.cat([e.ess.cpu() for e in ests]), iw_samples,
+        np.concatenate([np.asarray(e.degenerate) for e in ests]))
+    return Scores(bound=torch.cat([p.bound for p in parts]), estimate=est, bound_draws=parts[0].bound_draws)
 
 
 def nll_summary(nll: torch.Tensor, counts: torch.Tensor | None = None) -> dict[str, float]:

@@ -24,6 +24,12 @@ Design
   plus the :meth:`ExtraTerm.generator_loss` of every hook, checks it is finite, back-propagates and
   steps. All trainable parameters must therefore live in ``module``.
 
+**Under torchrun** (:mod:`inference.distributed`) each process trains on its shard of every minibatch and
+the step's loss (``differentiable_loss`` plus the generator terms, one module, :class:`_StepLoss`) runs
+through ``DistributedDataParallel``, which sums the gradients over processes during the backward pass; in
+SVI mode the Pyro optimiser then steps the parameters the trace reached, so all of them must live in
+``module`` there too. An online loss sums each term's gradients explicitly instead.
+
 **Losses** are reported per data point: the ELBO loss of a minibatch is assumed to be *summed* over
 the minibatch (the default for a model that scores the whole batch under ``pyro.plate`` without
 subsampling scale) and is divided by the minibatch size. ``train_loss`` in the metrics is the
@@ -296,12 +302,6 @@ class Trainer:
         for extra in self.extras:
             extra.module.to(self.device)
         self.mode, self.pyro_optim, self.optimizer = self._build_optimizer(optimizer)
-        if self.world_size > 1:
-            # Every process starts from rank 0's weights, as DistributedDataParallel does; hooks all-reduce
-            # their gradients before their optimisers step.
-            distributed.broadcast_module(self.module)
-            for extra in self.extras:
-                distributed.broadcast_module(extra.module)
         self._hook_handles: list[Any] = []
         self._online = callable(getattr(loss, "online_losses", None))
         if self._online:
@@ -311,6 +311,19 @@ class Trainer:
                 raise ValueError(f"{type(loss).__name__} updates online, one optimiser step per term: it "
                                  "runs in SVI mode (a PyroOptim) and takes no hook's generator_loss (hooks "
                                  f"adding one: {adding})")
+        if self.world_size > 1:
+            # Every process starts from rank 0's weights, as DistributedDataParallel does; hooks all-reduce
+            # their gradients before their optimisers step.
+            distributed.broadcast_module(self.module)
+            for extra in self.extras:
+                distributed.broadcast_module(extra.module)
+        # The step's loss as a module; under torchrun wrapped in DistributedDataParallel, which sums the
+        # shards' gradients during the backward pass (an online loss steps several times per forward, so
+        # its gradients are summed by _clip_and_step instead).
+        self._step_loss = _StepLoss(self)
+        self._forward: nn.Module = self._step_loss
+        if self.world_size > 1 and not self._online:
+            self._forward = distributed.data_parallel(self._step_loss, self.device)
 
         # Fresh-run seeding; fit(resume=True) overwrites all of it from the checkpoint. Under torchrun the
         # data generator (the permutation) is seeded alike on every process, the rest per process.
@@ -485,13 +498,18 @@ class Trainer:
             batch = self.transform(batch, self.transform_generator)
         return batch
 
+    @property
+    def data_parallel(self) -> bool:
+        """Whether the step runs through ``DistributedDataParallel`` (under torchrun, a loss not online)."""
+        return self._forward is not self._step_loss
+
     def _main_step(self, batch: Batch, epoch: int) -> tuple[float, dict[str, float]]:
         """One optimiser step; returns the batch's (summed) ELBO loss and generator-loss terms."""
         args = batch if isinstance(batch, tuple) else (batch,)
         with pyro.validation_enabled(self.validate):
             if self._online:  # SVI mode, checked at construction
                 return self._online_step(args, epoch)
-            if self.mode == "svi":
+            if self.mode == "svi" and not self.data_parallel:
                 return self._svi_step(batch, args, epoch)
             return self._diff_step(batch, args, epoch)
 
@@ -531,7 +549,7 @@ class Trainer:
         not reach (a temperature level's own normalisation) is not moved by Adam's momentum, in a resumed run
         as in an uninterrupted one."""
         store = pyro.get_param_store()
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.data_parallel:
             # Summed over processes in one order on all of them (their shards' gradients add up to the
             # minibatch's); a parameter no process reached keeps no gradient.
             distributed.all_reduce_gradients(sorted(params, key=lambda p: store.param_name(p) or ""))
@@ -568,22 +586,28 @@ class Trainer:
             self._clip_and_step(params)
 
     def _diff_step(self, batch: Batch, args: tuple, epoch: int) -> tuple[float, dict[str, float]]:
-        assert self.optimizer is not None
-        self.optimizer.zero_grad(set_to_none=True)
-        if self._params_checked:
-            elbo_loss = self.loss.differentiable_loss(self.model, self.guide, *args)
+        """A step through the loss module: differentiable-loss mode, and SVI mode under torchrun (there the
+        Pyro optimiser steps the parameters the trace reached, as SVI would)."""
+        svi = self.mode == "svi"
+        if not svi:
+            assert self.optimizer is not None
+            self.optimizer.zero_grad(set_to_none=True)
+        params: set[torch.Tensor] = set()
+        if self._params_checked and not svi:
+            total, elbo_loss, terms = self._forward(batch, *args)
         else:
             with poutine.trace(param_only=True) as param_capture:
-                elbo_loss = self.loss.differentiable_loss(self.model, self.guide, *args)
+                total, elbo_loss, terms = self._forward(batch, *args)
             self._check_diff_params(param_capture.trace)
-        extra_loss, terms = self._generator_terms(batch)
-        total = elbo_loss if extra_loss is None else elbo_loss + extra_loss
+            params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
         (value, elbo_value), terms = self._summed([float(total.detach()), float(elbo_loss.detach())], terms)
         if not math.isfinite(value):
             self._raise_non_finite(epoch, value)
-        total.backward()
-        if self.world_size > 1:
-            distributed.all_reduce_gradients(list(self.module.parameters()))
+        total.backward()  # under torchrun DDP sums the gradients over processes during this pass
+        if svi:
+            self._clip_and_step(params)
+            return elbo_value, terms
+        assert self.optimizer is not None
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.module.parameters()), self.clip_norm)
         self.optimizer.step()
@@ -765,11 +789,32 @@ class Trainer:
             name for name, site in trace.nodes.items() if id(site["value"].unconstrained()) not in owned
         )
         if stray:
+            where = ("under torchrun (DistributedDataParallel all-reduces the module's gradients only)"
+                     if self.mode == "svi" else "in differentiable-loss mode")
+            remedy = "run in one process" if self.mode == "svi" else "use SVI mode"
             raise ValueError(
-                f"in differentiable-loss mode all parameters must belong to `module`; model/guide use "
-                f"pyro.param sites outside it: {stray} (use SVI mode or move them into the module)"
+                f"{where} all parameters must belong to `module`; model/guide use pyro.param sites outside "
+                f"it: {stray} ({remedy} or move them into the module)"
             )
         self._params_checked = True
+
+
+class _StepLoss(nn.Module):
+    """The loss of one training step as a module, as Pyro's ``ELBOModule`` (``ELBO.__call__``) is:
+    ``forward(batch, *args)`` returns (ELBO loss + the hooks' generator terms, the ELBO loss, the terms'
+    values). Its only submodule is the trainer's ``module``, so ``DistributedDataParallel`` around it
+    reduces exactly the main parameters' gradients (the hooks' networks have their own optimisers)."""
+
+    def __init__(self, trainer: "Trainer"):
+        super().__init__()
+        self.module = trainer.module
+        self._trainer = trainer
+
+    def forward(self, batch: Batch, *args: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        t = self._trainer
+        elbo_loss = t.loss.differentiable_loss(t.model, t.guide, *args)
+        extra_loss, terms = t._generator_terms(batch)
+        return (elbo_loss if extra_loss is None else elbo_loss + extra_loss), elbo_loss, terms
 
 
 # ---------------------------------------------------------------------- helpers

@@ -1,9 +1,10 @@
 """Data-parallel training (inference.distributed, Trainer under torchrun) checked on the CPU with gloo and
-two processes: one step of two processes equals a single-process step on the concatenated minibatch (the
-parameters after the update agree in float64), in both of the Trainer's modes, with a hook's network and
-gradient clipping; only rank 0 writes files; a two-process run resumed from its checkpoint continues
-exactly (every process's RNG and generator states are in it); a checkpoint is refused by another number of
-processes; too small a minibatch for the processes is refused clearly."""
+two processes: one DistributedDataParallel step of two processes equals a single-process step on the
+concatenated minibatch (the parameters after the update agree in float64), in both of the Trainer's modes,
+with a hook's network, its generator term and gradient clipping; only rank 0 writes files; a two-process
+run resumed from its checkpoint continues exactly (every process's RNG and generator states are in it); a
+checkpoint is refused by another number of processes; too small a minibatch for the processes is refused
+clearly."""
 
 from __future__ import annotations
 
@@ -49,13 +50,18 @@ class _AutoEncoder(nn.Module):
 
 
 class _Critic(ExtraTerm):
-    """A hook with its own network and a mean loss (its gradients are averaged over processes)."""
+    """A hook with its own network and a mean loss (its gradients are averaged over processes), adding a
+    generator term summed over the shard (summed over processes with the ELBO's gradients)."""
 
     name = "critic"
 
-    def __init__(self):
+    def __init__(self, main: _AutoEncoder):
+        self.main = main
         self.module = nn.Linear(D, 1).double()
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=0.05)
+
+    def generator_loss(self, batch):
+        return 0.1 * self.module(self.main.dec(self.main.enc(batch))).sum()
 
     def step(self, batch):
         loss = (self.module(batch) - 1.0).pow(2).mean()
@@ -71,7 +77,7 @@ def _data() -> torch.Tensor:
 def _trainer(out: Path, mode: str, stochastic: bool, epochs: int) -> tuple[Trainer, _AutoEncoder, _Critic]:
     torch.manual_seed(0)  # same initial weights everywhere (rank 0's are broadcast anyway)
     module = _AutoEncoder(stochastic).double()
-    critic = _Critic()
+    critic = _Critic(module)
     optim = (pyro.optim.Adam({"lr": 0.05}) if mode == "svi"
              else (lambda ps: torch.optim.Adam(ps, lr=0.05)))
     def jitter(x, g):
@@ -108,6 +114,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             results["noise"] = torch.rand(4)  # the global RNG right after the Trainer seeded it
         trainer.fit()
         results[mode] = _weights(module, critic)
+        results[f"{mode}-ddp"] = trainer.data_parallel
     # Exact resume: two epochs straight, against one epoch and a resumed second, both two processes.
     trainer, module, critic = _trainer(root_path / "straight", "svi", stochastic=True, epochs=2)
     trainer.fit()
@@ -132,12 +139,28 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         walks.append(pair.walk_steps)
         return x
 
-    Trainer(pair.model, pair.guide, pair, OnlineWalkbackELBO(pair), pyro.optim.Adam({"lr": 1e-3}),
-            train_data=torch.randn(32, 4, generator=torch.Generator().manual_seed(1)), batch_size=8, epochs=1,
-            seed=0, device="cpu", out_dir=root_path / "walkback", extras=[PStarMoments(pair)], progress=False,
-            transform=transform).fit()
+    data = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    walkback = Trainer(pair.model, pair.guide, pair, OnlineWalkbackELBO(pair), pyro.optim.Adam({"lr": 1e-3}),
+                       train_data=data, batch_size=8, epochs=1, seed=0, device="cpu",
+                       out_dir=root_path / "walkback", extras=[PStarMoments(pair)], progress=False,
+                       transform=transform)
+    walkback.fit()
+    results["walkback-ddp"] = walkback.data_parallel
     results["walks"] = walks
     results["walkback"] = {k: v.clone() for k, v in pair.state_dict().items()}
+    # Sharded scoring: each process scores its rows (7 bound rows, 5 IWAE rows: uneven shards), every
+    # process gets all rows back in order. The exact guide makes every IWAE value exactly log p(x).
+    import functools
+
+    from inference.scoring import score_bound_and_iwae
+    from ppl_models.linear_gaussian import LinearGaussianChain
+
+    chain = LinearGaussianChain(latent_dim=2, obs_dim=3, num_steps=2, seed=0)
+    x = chain.sample(7)
+    s = score_bound_and_iwae(chain.model, functools.partial(chain.guide, params=chain.exact_guide_params()),
+                             x, bound_draws=400, iw_samples=8, iw_limit=5, batch_size=2, iw_batch=2)
+    results["scores"] = {"bound": s.bound, "iwae": s.iwae, "khat": torch.as_tensor(s.estimate.khat),
+                         "ess": s.estimate.ess, "exact": -chain.exact_log_marginal(x)}
     torch.save(results, root_path / f"rank{rank}.pt")  # not through atomic_write: every rank reports
     distributed.shutdown()
 
@@ -158,8 +181,10 @@ def two_process_run(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["svi", "diff"])
 def test_two_process_step_equals_single_process_step_on_the_whole_minibatch(two_process_run, tmp_path, mode):
     _, ranks = two_process_run
+    assert all(got[f"{mode}-ddp"] for got in ranks)  # through DistributedDataParallel, in both modes
     trainer, module, critic = _trainer(tmp_path, mode, stochastic=False, epochs=1)
     trainer.fit()  # no process group: the single-process run, two steps of 8
+    assert not trainer.data_parallel
     single = _weights(module, critic)
     for got in ranks:  # both processes hold the same weights, those of the single-process run
         for name, value in single.items():
@@ -199,9 +224,24 @@ def test_processes_draw_their_own_noise_and_rank_zero_the_single_process_s(two_p
 
 def test_walkback_runs_one_walk_length_and_one_p_star_on_every_process(two_process_run):
     _, ranks = two_process_run
+    assert not ranks[0]["walkback-ddp"]  # an online loss sums each term's gradients itself
     assert ranks[0]["walks"] == ranks[1]["walks"] and len(set(ranks[0]["walks"])) > 1  # K varied, alike
     for name, value in ranks[0]["walkback"].items():  # weights and p*'s moments agree
         assert torch.equal(ranks[1]["walkback"][name], value), name
+
+
+def test_scoring_is_sharded_and_every_process_gets_every_row_in_order(two_process_run):
+    _, ranks = two_process_run
+    for got in ranks:
+        sc = got["scores"]
+        assert sc["bound"].shape == (7,) and sc["iwae"].shape == (5,) and sc["ess"].shape == (5,)
+        assert len(sc["khat"]) == 5
+        # Exact guide: each IWAE value is its row's -log p(x), to float64 rounding, in row order.
+        assert torch.allclose(sc["iwae"], sc["exact"][:5], rtol=0, atol=1e-8)
+        # The bound: the mean of 400 single paths per row, an upper bound equal to -log p(x) in
+        # expectation (the exact guide); single paths vary by about a nat, so 400 give about 0.05.
+        assert torch.allclose(sc["bound"], sc["exact"], rtol=0, atol=0.3)
+    assert torch.equal(ranks[0]["scores"]["bound"], ranks[1]["scores"]["bound"])
 
 
 def test_checkpoint_of_two_processes_is_refused_by_one(two_process_run, tmp_path):
