@@ -30,7 +30,10 @@ gradients cleared):
 - ``pyro-diff-novalid``: the same with Pyro's and torch.distributions' argument validation off;
 - ``handwritten``: the hand-written loss, eager;
 - ``handwritten-compiled``: the same function through ``torch.compile`` (default mode, inductor); its first
-  call, which compiles, is timed apart and reported as the compile time.
+  call, which compiles, is timed apart and reported as the compile time;
+- ``svi-novalid-compiled-nets``: ``svi-novalid`` with the model's networks (MLPs, the U-Net) through
+  ``torch.compile`` and the Pyro objective eager around them (:mod:`inference.compiled`, what the Trainer's
+  ``compile=True`` does); its first call is timed apart too.
 
 Protocol: per model, ``--warmup`` untimed rounds and ``--repeats`` timed rounds in which every variant runs
 once, in an order rotated each round (:func:`experiments.benchmark_gpsi.time_interleaved`; on CUDA the device
@@ -73,6 +76,7 @@ from experiments.common import Parser, build_registered, non_negative_int, posit
 from experiments.config import load_preset
 from experiments.diffusion import model_sizes
 from experiments.report import markdown_table, reproduce_command, write_report
+from inference.compiled import is_network
 from inference.diffusion_simple import SimpleDiffusionLoss
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.draw import DRAWGenerator
@@ -92,6 +96,8 @@ VARIANTS = {
     "pyro-diff-novalid": "the same, argument validation off",
     "handwritten": "hand-written loss (same computation) + backward + torch Adam, eager",
     "handwritten-compiled": "the hand-written loss through torch.compile + backward + torch Adam",
+    "svi-novalid-compiled-nets": "the training step with the model's networks compiled (the Trainer's "
+                                 "compile=True, --compile): SVI.step, validation off",
 }
 BASELINE = "handwritten"
 
@@ -238,15 +244,29 @@ MODELS = ("gpsi-add", "lstm-add", "draw-extended-add", "vae", "diffusion-gaussia
 
 
 def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> dict[str, Callable[[], Any]]:
-    """One callable per variant of :data:`VARIANTS` (``handwritten-compiled`` only when ``compiled``)."""
+    """One callable per variant of :data:`VARIANTS` (the two compiled ones only when ``compiled``)."""
     pyro.clear_param_store()
     m, args = case.module, case.inputs
     svi = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": LR}), type(case.objective)())
     svi_novalid = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": LR}), type(case.objective)())
+    svi_nets = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": LR}), type(case.objective)())
+    # The networks' compiled forwards, put on the instances only while their variant runs (one module,
+    # one param store for every variant), as inference.compiled.compile_networks puts them for good.
+    nets = {name: torch.compile(child.forward) for name, child in m.named_children() if is_network(child)}
 
     def svi_step_novalid() -> float:
         with pyro.validation_enabled(False):
             return svi_novalid.step(*args)
+
+    def svi_step_compiled_nets() -> float:
+        for name, forward in nets.items():
+            getattr(m, name).forward = forward
+        try:
+            with pyro.validation_enabled(False):
+                return svi_nets.step(*args)
+        finally:
+            for name in nets:
+                del getattr(m, name).forward
     opts = {k: torch.optim.Adam(m.parameters(), lr=LR) for k in VARIANTS}
 
     def step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> torch.Tensor:
@@ -273,6 +293,7 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
     if compiled is not None:
         opt = opts["handwritten-compiled"]
         actions["handwritten-compiled"] = lambda: step(lambda: compiled(m, *args), opt)
+        actions["svi-novalid-compiled-nets"] = svi_step_compiled_nets
     return actions
 
 
@@ -306,6 +327,13 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
             p.grad = None
     actions = make_actions(case, compiled)
     params = list(case.module.parameters())
+    nets_s = None
+    if compiled is not None:  # the networks' first compiled call, apart from the timed ones
+        t0 = time.perf_counter()
+        actions["svi-novalid-compiled-nets"]()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        nets_s = time.perf_counter() - t0
     times = time_interleaved(actions, params, device, repeats, warmup)
     stats = {k: summarise(v) for k, v in times.items()}
     base = stats[BASELINE]["median_ms"]
@@ -313,7 +341,7 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
         "model": name, "sizes_preset": sizes, "sizes": case.sizes, "batch_size": batch_size,
         "objective": type(case.objective).__name__,
         "parameters": sum(p.numel() for p in params),
-        "loss_check": check, "compile_seconds": compile_s,
+        "loss_check": check, "compile_seconds": compile_s, "compile_nets_seconds": nets_s,
         "variants": stats,
         "ratios_to_handwritten": {k: s["median_ms"] / base for k, s in stats.items()},
         "times_ms": times,
@@ -361,6 +389,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             cells.append("n/a" if s is None else
                          f"{s['median_ms']:.2f} ({s['iqr_ms']:.2f}) ×{m['ratios_to_handwritten'][k]:.2f}")
         cells.append("n/a" if m["compile_seconds"] is None else f"{m['compile_seconds']:.0f}")
+        nets_s = m.get("compile_nets_seconds")
+        cells.append("n/a" if nets_s is None else f"{nets_s:.0f}")
         cells.append(f"{m['loss_check']['rel_diff']:.1e}")
         rows.append(cells)
     sizes = "; ".join(f"{m['model']}: {m['sizes']}" for m in r["models"])
@@ -373,11 +403,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "Each cell: median ms (IQR) ×ratio to the hand-written eager step. Compile: seconds of the compiled "
         "loss's first call in this process (forward and backward; inductor's on-disk cache may hold an "
-        "earlier run's compilation, so this can be far below a cold compile). The compiled variant draws "
+        "earlier run's compilation, so this can be far below a cold compile); compile nets: the same for "
+        "the first step with the networks compiled. The compiled hand-written variant draws "
         "its noise with inductor's own generator (same distributions, other numbers). Check: relative "
         "difference of the Pyro and hand-written losses at the same seed (float32).",
         "",
-        markdown_table(["model", *[f"{k}" for k in names], "compile s", "check"], rows),
+        markdown_table(["model", *[f"{k}" for k in names], "compile s", "compile nets s", "check"], rows),
         "",
         "Variants: " + "; ".join(f"`{k}`: {VARIANTS[k]}" for k in names) + ".",
         "",

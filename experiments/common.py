@@ -27,7 +27,7 @@ from ppl_models.vae import VAE
 #: Command-line options that are not configuration.
 NOT_CONFIG = {"preset", "out", "data_dir", "device", "resume", "force", "no_progress", "variants", "masks",
               "methods", "no_sweep", "report_only", "method", "mask", "set", "redo_finetune", "text", "jobs",
-              "validate"}
+              "validate", "compile"}
 
 
 def resolve_config(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -118,6 +118,11 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
                         help="Pyro's and torch.distributions' argument checks in the training step too (off "
                         "there by default: they change no number and cost time per step; always on in the "
                         "tests)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model's networks (MLPs, U-Nets) in the training step and "
+                        "evaluation; the Pyro objective stays eager around them. Same numbers to float "
+                        "round-off; for a GPU, where a step is bound by kernel launches (on a CPU it is "
+                        "slower). The first step pays the compile time. Recorded in the report")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--seed", type=non_negative_int, default=None,
@@ -272,6 +277,10 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
     try:
         if getattr(args, "validate", False):
             os.environ["SEQGEN_VALIDATE"] = "1"  # read by every Trainer of this run (and its --jobs cells)
+        if getattr(args, "compile", False):
+            os.environ["SEQGEN_COMPILE"] = "1"  # the same
+            config["compiled_networks"] = True  # part of what ran (the report states it)
+        resumable = (*resumable, "compiled_networks")  # a resume may switch it: the same numbers to round-off
         # Under torchrun: join the process group (this process's GPU is cuda:LOCAL_RANK).
         device = distributed.init_from_env(str(resolve_device(args.device)))
         if distributed.world_size() > 1:

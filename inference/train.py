@@ -102,6 +102,7 @@ from inference.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from inference.compiled import compile_networks
 
 __all__ = [
     "BEST_NAME",
@@ -244,6 +245,11 @@ class Trainer:
         it; the experiments' ``--validate`` does), else off. The checks change no number, and cost a few
         milliseconds per step, which is a large part of a GPU step at small batch. Pyro's setting outside the
         step (evaluation, sampling) is left alone.
+    :param compile: compile the module's networks (its children with layers of their own: MLPs, U-Nets)
+        with ``torch.compile``, in place (:func:`inference.compiled.compile_networks`); the objective stays
+        eager around them. ``None`` (default): on only where ``SEQGEN_COMPILE`` is ``1`` (the experiments'
+        ``--compile`` sets it). Values equal the eager ones to float round-off; it pays on a GPU, where a
+        step is launch-bound, not on a CPU. Evaluation and sampling use the compiled networks too.
     :param keep_best: name of a metric returned by ``evaluate`` to *maximise* (e.g. a validation ELBO):
         the module weights of the best epoch so far are written atomically to ``out_dir/best.pt``
         (``{"module", "epoch", "metric", "value"}``); :meth:`load_best` puts them back in ``module``.
@@ -271,6 +277,7 @@ class Trainer:
         checkpoint_every_steps: int | None = None,
         keep_best: str | None = None,
         validate: bool | None = None,
+        compile: bool | None = None,
     ):
         _check_arguments(model, guide, module, loss, batch_size, epochs, seed, transform, evaluate, clip_norm,
                          checkpoint_every_steps, keep_best)
@@ -279,6 +286,7 @@ class Trainer:
         self.transform, self.evaluate, self.progress = transform, evaluate, progress
         self.clip_norm, self.keep_best = clip_norm, keep_best
         self.validate = os.environ.get("SEQGEN_VALIDATE") == "1" if validate is None else bool(validate)
+        self.compile = os.environ.get("SEQGEN_COMPILE") == "1" if compile is None else bool(compile)
         self.checkpoint_every_steps = checkpoint_every_steps
         self.device = resolve_device(device)
         self._data, self._data_is_tuple = _check_data(train_data)
@@ -298,6 +306,8 @@ class Trainer:
         self._best_value = -math.inf
 
         self.module.to(self.device)
+        #: Names of the module's networks compiled with torch.compile (inference.compiled); [] when eager.
+        self.compiled_networks = compile_networks(self.module) if self.compile else []
         self.extras = _checked_extras(extras, module)
         for extra in self.extras:
             extra.module.to(self.device)

@@ -4,10 +4,12 @@ training step gives the eager step's loss and gradients on the same draws."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from experiments.benchmark_steps import MODELS, build_case, main
+from experiments.benchmark_steps import MODELS, VARIANTS, build_case, main
 
 CPU = torch.device("cpu")
 
@@ -72,9 +74,12 @@ def test_compiled_step_equals_eager_step(name):
 def test_cli_writes_a_report_and_rejects_unknown_models(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["--models", "vae", "--sizes", "quick", "--batch-size", "4", "--repeats", "2",
-                 "--warmup", "1", "--no-compile", "--no-progress", "--out", str(out)]) == 0
+                 "--warmup", "1", "--no-progress", "--out", str(out)]) == 0
     page = (out / "benchmark.md").read_text()
     assert "vae" in page and "handwritten" in page and "Environment" in page
+    # Every variant ran, the two compiled ones included (the networks' compiled step too).
+    timed = json.loads((out / "benchmark.json").read_text())["models"][0]["variants"]
+    assert set(timed) == set(VARIANTS)
     with pytest.raises(SystemExit):
         main(["--models", "vae,nope", "--out", str(tmp_path / "x")])
     assert "unknown ['nope']" in capsys.readouterr().err
