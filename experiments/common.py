@@ -121,8 +121,8 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model's networks (MLPs, U-Nets) in the training step and "
                         "evaluation; the Pyro objective stays eager around them. Same numbers to float "
-                        "round-off; for a GPU, where a step is bound by kernel launches (on a CPU it is "
-                        "slower). The first step pays the compile time. Recorded in the report")
+                        "round-off; for a GPU, where a step is bound by kernel launches (on a CPU it is no "
+                        "faster). The first step pays the compile time. Recorded in the report")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--seed", type=non_negative_int, default=None,
@@ -148,8 +148,9 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
 
 
 RUN_FILES = ("config.json", "result.json", "results.json", "table.json", "metrics.jsonl", "checkpoint.pt")
-#: Keys that describe a preset but do not change what runs.
-_DESCRIPTIVE = ("about",)
+#: Keys that describe a run but do not change its numbers: a resume, and every stage's own check of a stored
+#: configuration, may change them (``compiled_networks``, ``--compile``: the same numbers to float round-off).
+_DESCRIPTIVE = ("about", "compiled_networks")
 
 
 def previous_config(out: Path) -> tuple[dict[str, Any] | None, bool]:
@@ -279,8 +280,7 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
             os.environ["SEQGEN_VALIDATE"] = "1"  # read by every Trainer of this run (and its --jobs cells)
         if getattr(args, "compile", False):
             os.environ["SEQGEN_COMPILE"] = "1"  # the same
-            config["compiled_networks"] = True  # part of what ran (the report states it)
-        resumable = (*resumable, "compiled_networks")  # a resume may switch it: the same numbers to round-off
+            config["compiled_networks"] = True  # part of what ran (the report states it); see _DESCRIPTIVE
         # Under torchrun: join the process group (this process's GPU is cuda:LOCAL_RANK).
         device = distributed.init_from_env(str(resolve_device(args.device)))
         if distributed.world_size() > 1:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
@@ -126,6 +127,7 @@ def run(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     device, ev = ctx.device, config["eval"]
     shape = tuple(data.image_shape)
     test = data.test[: config["eval_limit"]] if config["eval_limit"] else data.test
+    pyro.set_rng_seed(config["seed"])  # the networks' initial weights: a fresh run is reproducible
     pair = build_registered("gcrl", config["agent"], data.train.shape[1], image_shape=shape).to(device)
     t0 = time.time()
     # Each stage resumes where it has a checkpoint: a run stopped during the agent's training has none for

@@ -15,7 +15,9 @@ The forward is replaced on the instance (``network.forward = torch.compile(netwo
 gradients equal the eager ones to float round-off (``tests/test_compiled.py``, float64). Where it pays: on
 a GPU, where a step is bound by kernel launches and inductor fuses each network's layers; on a CPU at the
 papers' sizes it does not (``experiments.benchmark_steps``, variant ``svi-novalid-compiled-nets``). The
-first step pays the compile time, and a new batch shape recompiles once with dynamic shapes.
+first step pays the compile time, and a new batch shape recompiles once with dynamic shapes. Dynamo's
+recompilation limits are raised with the number of compiled networks (every ``nn.Sequential`` shares one code
+object, whose default limit of 8 graphs would leave later networks eager).
 
 Used by :class:`inference.train.Trainer` (``compile=True``; every experiment's ``--compile``).
 """
@@ -40,6 +42,7 @@ def compile_networks(module: nn.Module, **compile_kwargs: Any) -> list[str]:
     """Compile, in place, the forward of every direct child of ``module`` that :func:`is_network`, with
     ``torch.compile(**compile_kwargs)``; returns their names. A child compiled before is left as it is, so
     calling it twice compiles nothing new."""
+    global _compiled_here
     names = []
     for name, child in module.named_children():
         if not is_network(child):
@@ -47,5 +50,24 @@ def compile_networks(module: nn.Module, **compile_kwargs: Any) -> list[str]:
         if not getattr(child, "_seqgen_compiled", False):
             child.forward = torch.compile(child.forward, **compile_kwargs)  # type: ignore[method-assign]
             child._seqgen_compiled = True
+            _compiled_here += 1
         names.append(name)
+    _raise_recompile_limits(_compiled_here)
     return names
+
+
+#: Networks compiled in this process so far.
+_compiled_here = 0
+
+
+def _raise_recompile_limits(networks: int) -> None:
+    """Dynamo counts recompilations per code object, and every ``nn.Sequential`` shares
+    ``Sequential.forward``'s: each network needs a few graphs of its own (training with gradients, a first
+    and a dynamic batch shape, evaluation without gradients), so torch's default of 8 for all of them makes
+    the later ones fall back to eager silently. Raise the limits with the number of compiled networks."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, _GRAPHS_PER_NETWORK * networks)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * _GRAPHS_PER_NETWORK * networks)
+
+
+_GRAPHS_PER_NETWORK = 16

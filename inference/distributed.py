@@ -33,10 +33,12 @@ How a step is shared (:class:`inference.train.Trainer` does it; the symbols are 
   while the backward pass still runs, in both Trainer modes (in SVI mode the Pyro optimiser then steps the
   parameters the trace reached). Its comm hook sums instead of DDP's default average, because the losses
   are sums; ``find_unused_parameters`` is on, so a parameter no process reached keeps no gradient, as in
-  a single-process step; buffers are not re-broadcast each step (each process keeps its own, as a replay
-  buffer must). The exception is a loss that steps online, several optimiser steps per minibatch
-  (variational walkback's :class:`inference.walkback.OnlineWalkbackELBO`): one forward cannot carry
-  several backward passes through DDP, so there the Trainer sums each term's gradients itself
+  a single-process step; buffers are not re-broadcast each step (each process keeps its own batch-norm
+  running statistics; rank 0's module state is broadcast after each evaluation). The exceptions: a loss that
+  steps online, several optimiser steps per minibatch (variational walkback's
+  :class:`inference.walkback.OnlineWalkbackELBO`), since one forward cannot carry several backward passes
+  through DDP; and a loss without ``differentiable_loss`` (Pyro's ``TraceGraph_ELBO``, ``RenyiELBO``), which
+  back-propagates inside ``loss_and_grads``. There the Trainer sums the gradients itself
   (:func:`all_reduce_gradients`, the same collective on one flat bucket, after the backward pass);
 - the networks of :class:`inference.train.ExtraTerm` hooks (the discriminator, the guide function f, the
   Q-network) are data-parallel too: each hook's optimiser all-reduces its gradients before it steps,

@@ -88,6 +88,8 @@ def score_bound_and_iwae(
         est = importance_log_likelihood(model, guide, tuple(t[iw_lo:iw_hi] for t in tensors),
                                         num_samples=iw_samples, batch_size=iw_batch, chunk_size=iw_chunk,
                                         progress=progress and distributed.is_writer())
+    if est is not None:  # gathered as pickles: CUDA tensors would unpickle onto the sender's GPU
+        est.log_likelihood, est.ess = est.log_likelihood.cpu(), est.ess.cpu()
     # estimate is None on a process with no IWAE rows; _concatenated skips it.
     local = Scores(bound=total / bound_draws, estimate=est, bound_draws=bound_draws)
     if not distributed.is_distributed():

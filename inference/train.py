@@ -28,7 +28,8 @@ Design
 the step's loss (``differentiable_loss`` plus the generator terms, one module, :class:`_StepLoss`) runs
 through ``DistributedDataParallel``, which sums the gradients over processes during the backward pass; in
 SVI mode the Pyro optimiser then steps the parameters the trace reached, so all of them must live in
-``module`` there too. An online loss sums each term's gradients explicitly instead.
+``module`` there too. An online loss, and one without ``differentiable_loss``, sums the gradients
+explicitly after the backward pass instead.
 
 **Losses** are reported per data point: the ELBO loss of a minibatch is assumed to be *summed* over
 the minibatch (the default for a model that scores the whole batch under ``pyro.plate`` without
@@ -328,11 +329,12 @@ class Trainer:
             for extra in self.extras:
                 distributed.broadcast_module(extra.module)
         # The step's loss as a module; under torchrun wrapped in DistributedDataParallel, which sums the
-        # shards' gradients during the backward pass (an online loss steps several times per forward, so
-        # its gradients are summed by _clip_and_step instead).
+        # shards' gradients during the backward pass. An online loss steps several times per forward, and
+        # a loss without differentiable_loss (Pyro's TraceGraph_ELBO, RenyiELBO...) back-propagates inside
+        # loss_and_grads: for those, _clip_and_step sums the gradients instead.
         self._step_loss = _StepLoss(self)
         self._forward: nn.Module = self._step_loss
-        if self.world_size > 1 and not self._online:
+        if self.world_size > 1 and not self._online and callable(getattr(loss, "differentiable_loss", None)):
             self._forward = distributed.data_parallel(self._step_loss, self.device)
 
         # Fresh-run seeding; fit(resume=True) overwrites all of it from the checkpoint. Under torchrun the
@@ -616,6 +618,10 @@ class Trainer:
         total.backward()  # under torchrun DDP sums the gradients over processes during this pass
         if svi:
             self._clip_and_step(params)
+            # A module parameter the backward reached but the trace did not (used only by a hook's term
+            # without pyro.module) is not stepped; its gradient must not accumulate over steps either.
+            for p in self.module.parameters():
+                p.grad = None
             return elbo_value, terms
         assert self.optimizer is not None
         if self.clip_norm is not None:

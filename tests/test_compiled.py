@@ -78,3 +78,30 @@ def test_trainer_with_compile_trains_to_the_eager_weights(tmp_path):
     assert loss_c == pytest.approx(loss_e, rel=1e-10)
     for k, v in eager.items():
         assert torch.allclose(compiled[k], v, rtol=1e-8, atol=1e-10), k
+
+
+def test_training_and_evaluation_shapes_stay_compiled():
+    """Every nn.Sequential shares one code object: training batches of two sizes and evaluation without
+    gradients need more graphs than torch's default recompile limit of 8, which compile_networks raises
+    (past it, Dynamo would fall back to eager silently)."""
+    torch.manual_seed(0)
+    pair = GPSI(X_DIM, z_dim=2, hidden=(5,), num_steps=2).double()  # sizes no other test compiles
+    compile_networks(pair)
+    counters.clear()
+    elbo = PathwiseKL_ELBO()
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        return ((torch.rand(n, X_DIM, generator=g) < 0.4).double(),
+                (torch.rand(n, X_DIM, generator=g) < 0.5).double())
+
+    for _ in range(2):
+        for n in (16, 16, 7):
+            elbo.differentiable_loss(pair.model, pair.guide, *batch(n)).backward()
+        pair.eval()
+        with torch.no_grad():
+            for n in (50, 13):
+                elbo.differentiable_loss(pair.model, pair.guide, *batch(n))
+        pair.train()
+    assert counters["stats"]["unique_graphs"] >= 6  # three networks, with and without gradients
+    assert not any("recompile limit" in reason for reason in counters["unimplemented"])

@@ -18,7 +18,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 import torch.multiprocessing as mp
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO
+from pyro.infer.elbo import ELBO
 from torch import nn
 
 from inference import checkpoint, distributed
@@ -74,17 +75,18 @@ def _data() -> torch.Tensor:
     return torch.randn(N, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
 
-def _trainer(out: Path, mode: str, stochastic: bool, epochs: int) -> tuple[Trainer, _AutoEncoder, _Critic]:
+def _trainer(out: Path, mode: str, stochastic: bool, epochs: int,
+             loss: ELBO | None = None) -> tuple[Trainer, _AutoEncoder, _Critic]:
     torch.manual_seed(0)  # same initial weights everywhere (rank 0's are broadcast anyway)
     module = _AutoEncoder(stochastic).double()
     critic = _Critic(module)
     optim = (pyro.optim.Adam({"lr": 0.05}) if mode == "svi"
-             else (lambda ps: torch.optim.Adam(ps, lr=0.05)))
+             else (lambda ps: torch.optim.SGD(ps, lr=0.05)))  # SGD: sensitive to the gradient scale
     def jitter(x, g):
         return x + 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype)
 
     transform = jitter if stochastic else None
-    trainer = Trainer(module.model, module.guide, module, Trace_ELBO(), optim, train_data=_data(),
+    trainer = Trainer(module.model, module.guide, module, loss or Trace_ELBO(), optim, train_data=_data(),
                       batch_size=BATCH, epochs=epochs, seed=5, device="cpu", out_dir=out, extras=[critic],
                       progress=False, clip_norm=3.0, transform=transform)
     return trainer, module, critic
@@ -108,8 +110,10 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         checkpoint._open_temp = _refuse_writes  # every file is written through atomic_write
     root_path = Path(root)
     results = {}
-    for mode in ("svi", "diff"):
-        trainer, module, critic = _trainer(root_path / f"step-{mode}", mode, stochastic=False, epochs=1)
+    for mode in ("svi", "diff", "tracegraph"):
+        loss = TraceGraph_ELBO() if mode == "tracegraph" else None  # no differentiable_loss: no DDP
+        trainer, module, critic = _trainer(root_path / f"step-{mode}", "svi" if loss else mode,
+                                           stochastic=False, epochs=1, loss=loss)
         if mode == "diff":
             results["noise"] = torch.rand(4)  # the global RNG right after the Trainer seeded it
         trainer.fit()
@@ -178,11 +182,14 @@ def two_process_run(tmp_path_factory):
     return root, [torch.load(root / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("mode", ["svi", "diff"])
+@pytest.mark.parametrize("mode", ["svi", "diff", "tracegraph"])
 def test_two_process_step_equals_single_process_step_on_the_whole_minibatch(two_process_run, tmp_path, mode):
     _, ranks = two_process_run
-    assert all(got[f"{mode}-ddp"] for got in ranks)  # through DistributedDataParallel, in both modes
-    trainer, module, critic = _trainer(tmp_path, mode, stochastic=False, epochs=1)
+    # Through DistributedDataParallel in both modes; a loss without differentiable_loss sums explicitly.
+    assert all(got[f"{mode}-ddp"] == (mode != "tracegraph") for got in ranks)
+    loss = TraceGraph_ELBO() if mode == "tracegraph" else None
+    trainer, module, critic = _trainer(tmp_path, "svi" if loss else mode, stochastic=False, epochs=1,
+                                       loss=loss)
     trainer.fit()  # no process group: the single-process run, two steps of 8
     assert not trainer.data_parallel
     single = _weights(module, critic)

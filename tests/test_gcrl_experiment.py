@@ -43,6 +43,15 @@ def test_the_experiment_reports_table_1_and_the_bound_and_saves_loadable_runs(tm
     logged = {"gcrl/q_loss", "gcrl/select_entropy", "gcrl/reconstruction_mse", "valid_bound", "sigma2"}
     assert logged <= set(json.loads((out / "agent" / "metrics.jsonl").read_text().splitlines()[0]))
 
+    # A fresh run repeats exactly: the agent's initial weights are seeded (the global RNG has moved on).
+    assert _run(tmp_path / "again") == 0
+
+    def first_epoch(run):
+        line = json.loads((run / "agent" / "metrics.jsonl").read_text().splitlines()[0])
+        return {k: v for k, v in line.items() if k != "seconds"}
+
+    assert first_epoch(tmp_path / "again") == first_epoch(out)
+
     from experiments.runs import load_run
 
     agent, vae = load_run(out / "agent"), load_run(out / "vae")
