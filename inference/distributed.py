@@ -62,8 +62,9 @@ How a step is shared (:class:`inference.train.Trainer` does it; the symbols are 
   runs on every process (same weights) and only rank 0's report is kept.
 
 Limits: ``--device cuda:N`` is replaced by ``cuda:LOCAL_RANK`` (torchrun chooses the GPUs); ``pyro.param``
-sites outside the module are refused under torchrun, because DDP reduces the module's gradients only (none
-of this project's models has one); ``--jobs`` of the imputation table cannot be combined with torchrun.
+sites outside the module are refused where the step runs through DDP, which reduces the module's gradients
+only (none of this project's models has one); ``--jobs`` of the imputation table cannot be combined with
+torchrun.
 """
 
 from __future__ import annotations
