@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up seqgen on a fresh machine: a virtual environment in .venv with a pinned torch (the CPU build on a
-# CPU machine: an unpinned torch pulls several GB of CUDA wheels), seqgen with its test extras, and the
-# Fashion-MNIST data (Debian package dataset-fashion-mnist) where this machine can install it.
-# Safe to run again. Environment: PYTHON (default python3), SEQGEN_TORCH (default torch==2.13.0).
+# Set up seqgen on a fresh machine: a virtual environment in .venv with a pinned torch (pip takes the local
+# CPU wheel where the machine has one, as this project's machines do; from PyPI itself torch is the CUDA
+# build, several GB: set SEQGEN_TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build there),
+# seqgen with its test extras, and the Fashion-MNIST data (Debian package dataset-fashion-mnist) where this
+# machine can install it. Safe to run again. Environment: PYTHON (default python3), SEQGEN_TORCH (default
+# torch==2.13.0), SEQGEN_TORCH_INDEX (default: pip's configured indexes).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -12,7 +14,7 @@ TORCH_SPEC=${SEQGEN_TORCH:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q "$TORCH_SPEC"
+.venv/bin/python -m pip install -q ${SEQGEN_TORCH_INDEX:+--index-url "$SEQGEN_TORCH_INDEX"} "$TORCH_SPEC"
 .venv/bin/python -m pip install -q -e ".[test]"
 
 # Install a Debian package where this machine can (as root, or with passwordless sudo), else do nothing.
