@@ -65,6 +65,7 @@ from experiments.benchmark_diffusion import handwritten_simple_loss
 from experiments.benchmark_gpsi import (
     PROTOCOL,
     _load_average,
+    _synchronize,
     device_and_threads,
     environment,
     environment_sentence,
@@ -308,6 +309,14 @@ def loss_check(case: Case, seed: int) -> dict[str, float]:
     return {"pyro": p, "handwritten": h, "rel_diff": abs(p - h) / max(abs(p), 1e-30)}
 
 
+def _seconds(call: Callable[[], Any], device: torch.device) -> float:
+    """Wall-clock seconds of one call (a first, compiling call), the device synchronised before reading."""
+    t0 = time.perf_counter()
+    call()
+    _synchronize(device)
+    return time.perf_counter() - t0
+
+
 def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, seed: int, repeats: int,
                 warmup: int, compile_loss: bool) -> dict[str, Any]:
     """Time every variant of one model; returns its sizes, times, medians, ratios and compile time."""
@@ -317,23 +326,14 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
     if compile_loss:
         torch._dynamo.reset()
         compiled = torch.compile(case.handwritten)
-        t0 = time.perf_counter()
-        loss = compiled(case.module, *case.inputs)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        compile_s = time.perf_counter() - t0
+        compile_s = _seconds(lambda: compiled(case.module, *case.inputs).backward(), device)
         for p in case.module.parameters():
             p.grad = None
     actions = make_actions(case, compiled)
     params = list(case.module.parameters())
     nets_s = None
     if compiled is not None:  # the networks' first compiled call, apart from the timed ones
-        t0 = time.perf_counter()
-        actions["svi-novalid-compiled-nets"]()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        nets_s = time.perf_counter() - t0
+        nets_s = _seconds(actions["svi-novalid-compiled-nets"], device)
     times = time_interleaved(actions, params, device, repeats, warmup)
     stats = {k: summarise(v) for k, v in times.items()}
     base = stats[BASELINE]["median_ms"]

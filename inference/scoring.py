@@ -88,7 +88,8 @@ def score_bound_and_iwae(
         est = importance_log_likelihood(model, guide, tuple(t[iw_lo:iw_hi] for t in tensors),
                                         num_samples=iw_samples, batch_size=iw_batch, chunk_size=iw_chunk,
                                         progress=progress and distributed.is_writer())
-    if est is not None:  # gathered as pickles: CUDA tensors would unpickle onto the sender's GPU
+        # On the CPU: under torchrun they are gathered as pickles, and CUDA tensors would unpickle onto
+        # the sending process's GPU.
         est.log_likelihood, est.ess = est.log_likelihood.cpu(), est.ess.cpu()
     # estimate is None on a process with no IWAE rows; _concatenated skips it.
     local = Scores(bound=total / bound_draws, estimate=est, bound_draws=bound_draws)
@@ -101,8 +102,8 @@ def _concatenated(parts: list[Scores], iw_samples: int) -> Scores:
     """The processes' scores of their contiguous rows, in rank order, as one :class:`Scores`."""
     ests = [p.estimate for p in parts if p.estimate is not None]
     est = ImportanceEstimate(
-        torch.cat([e.log_likelihood.cpu() for e in ests]), np.concatenate([e.khat for e in ests]),
-        torch.cat([e.ess.cpu() for e in ests]), iw_samples,
+        torch.cat([e.log_likelihood for e in ests]), np.concatenate([e.khat for e in ests]),
+        torch.cat([e.ess for e in ests]), iw_samples,
         np.concatenate([np.asarray(e.degenerate) for e in ests]))
     return Scores(bound=torch.cat([p.bound for p in parts]), estimate=est, bound_draws=parts[0].bound_draws)
 

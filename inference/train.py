@@ -610,7 +610,8 @@ class Trainer:
         else:
             with poutine.trace(param_only=True) as param_capture:
                 total, elbo_loss, terms = self._forward(batch, *args)
-            self._check_diff_params(param_capture.trace)
+            if not self._params_checked:  # SVI mode traces every step, for the parameters to step
+                self._check_diff_params(param_capture.trace)
             params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
         (value, elbo_value), terms = self._summed([float(total.detach()), float(elbo_loss.detach())], terms)
         if not math.isfinite(value):

@@ -226,15 +226,16 @@ class VariationalWalkback(ModelGuidePair):
     @torch.no_grad()
     def update_star(self, end_states: torch.Tensor, momentum: float = 0.1) -> None:
         """Move p*'s moments towards those of heated end states s_K (Alg. 1, after each walk)."""
-        self.star_mean.lerp_(end_states.mean(0), momentum)
-        if self.form == "gaussian" and end_states.shape[0] > 1:
-            self.star_var.lerp_(end_states.var(0).clamp(min=1e-4), momentum)
+        n = end_states.shape[0]
+        # The variance only where update_star_moments uses it (a Gaussian p*, more than one state).
+        var = end_states.var(0) if self.form == "gaussian" and n > 1 else self.star_var
+        self.update_star_moments(end_states.mean(0), var, n, momentum)
 
     @torch.no_grad()
     def update_star_moments(self, mean: torch.Tensor, var: torch.Tensor, count: int,
                             momentum: float = 0.1) -> None:
-        """:meth:`update_star` from the end states' mean and (unbiased) variance over ``count`` states, as
-        data-parallel training computes them across processes."""
+        """Move p*'s moments towards the end states' mean and (unbiased) variance over ``count`` states:
+        :meth:`update_star`'s update, from moments that data-parallel training computes across processes."""
         self.star_mean.lerp_(mean, momentum)
         if self.form == "gaussian" and count > 1:
             self.star_var.lerp_(var.clamp(min=1e-4), momentum)
