@@ -33,7 +33,12 @@ gradients cleared):
   call, which compiles, is timed apart and reported as the compile time;
 - ``svi-novalid-compiled-nets``: ``svi-novalid`` with the model's networks (MLPs, the U-Net) through
   ``torch.compile`` and the Pyro objective eager around them (:mod:`inference.compiled`, what the Trainer's
-  ``compile=True`` does); its first call is timed apart too.
+  ``compile=True`` does); its first call is timed apart too;
+- ``fused``: ``differentiable_loss`` with validation off, backward, and one
+  :class:`inference.optim.ClippedAdam` over all parameters (Pyro's ClippedAdam update; ``torch._foreach``
+  kernels off the CPU), the loss read back as the Trainer reads it: the Trainer's step with ``--step fused``;
+- ``cuda-graph`` (CUDA only): the ``fused`` step captured in CUDA graphs (:mod:`inference.cuda_graph`,
+  ``--step cuda-graph``); its warm-up steps and capture are timed apart.
 
 Protocol: per model, ``--warmup`` untimed rounds and ``--repeats`` timed rounds in which every variant runs
 once, in an order rotated each round (:func:`experiments.benchmark_gpsi.time_interleaved`; on CUDA the device
@@ -41,7 +46,7 @@ is synchronised before each clock reading). Reported: medians and IQRs, and rati
 step. Speed is a ratio measured in one run; absolute times only count from a GPU.
 
     python -m experiments.benchmark_steps --device cpu --batch-size 16 --out results/benchmark-steps-cpu
-    python -m experiments.benchmark_steps --device cuda --sizes paper --out results/benchmark-steps-gpu
+    python -m experiments.benchmark_steps --device cuda --batch-size 200 --out results/benchmark-steps-gpu
 
 Outputs in ``--out``: benchmark.json (every time in ms, sizes, the environment) and benchmark.md.
 """
@@ -78,7 +83,9 @@ from experiments.config import load_preset
 from experiments.diffusion import model_sizes
 from experiments.report import markdown_table, reproduce_command, write_report
 from inference.compiled import is_network
+from inference.cuda_graph import GraphedStep
 from inference.diffusion_simple import SimpleDiffusionLoss
+from inference.optim import ClippedAdam
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.draw import DRAWGenerator
 from ppl_models.lstm_imputer import LSTMImputer
@@ -95,12 +102,19 @@ VARIANTS = {
     "svi-novalid": "the same with validation off: the Trainer's training step by default",
     "pyro-diff": "objective.differentiable_loss + backward + torch Adam",
     "pyro-diff-novalid": "the same, argument validation off",
+    "fused": "objective.differentiable_loss + backward + one ClippedAdam (inference.optim; foreach kernels "
+             "off the CPU) over all parameters, validation off, the loss read back: the Trainer's step "
+             "with --step fused",
     "handwritten": "hand-written loss (same computation) + backward + torch Adam, eager",
     "handwritten-compiled": "the hand-written loss through torch.compile + backward + torch Adam",
     "svi-novalid-compiled-nets": "the training step with the model's networks compiled (the Trainer's "
                                  "compile=True, --compile): SVI.step, validation off",
+    "cuda-graph": "the fused step captured in CUDA graphs and replayed (inference.cuda_graph; --step "
+                  "cuda-graph); CUDA only",
 }
 BASELINE = "handwritten"
+#: Calls of the cuda-graph variant before its timed ones: GraphedStep's eager warm-up steps and the capture.
+GRAPH_FIRST_CALLS = 4
 
 
 # ------------------------------------------------------------------------------------ hand-written losses
@@ -269,6 +283,16 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
             for name in nets:
                 del getattr(m, name).forward
     opts = {k: torch.optim.Adam(m.parameters(), lr=LR) for k in VARIANTS}
+    fused_opt = ClippedAdam(m.parameters(), lr=LR, betas=(0.9, 0.999), clip_norm=1e12)
+
+    def fused_step() -> float:
+        with pyro.validation_enabled(False):
+            loss = pyro_loss()
+            loss.backward()
+            value = float(loss.detach())  # the Trainer reads the loss back before the update
+            fused_opt.step()
+            fused_opt.zero_grad(set_to_none=True)
+        return value
 
     def step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> torch.Tensor:
         loss = loss_fn()
@@ -290,7 +314,18 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
         "pyro-diff": lambda: step(pyro_loss, opts["pyro-diff"]),
         "pyro-diff-novalid": lambda: step(novalid, opts["pyro-diff-novalid"]),
         "handwritten": lambda: step(lambda: case.handwritten(m, *args), opts["handwritten"]),
+        "fused": fused_step,
     }
+    if case.inputs[0].is_cuda:
+        graphed = GraphedStep(lambda *a: case.objective.differentiable_loss(m.model, m.guide, *a),
+                              list(m.parameters()), ClippedAdam(m.parameters(), lr=LR, clip_norm=1e12))
+
+        def graph_step() -> float:
+            with pyro.validation_enabled(False):
+                value = float(graphed.loss(*args))
+                graphed.update()
+            return value
+        actions["cuda-graph"] = graph_step
     if compiled is not None:
         opt = opts["handwritten-compiled"]
         actions["handwritten-compiled"] = lambda: step(lambda: compiled(m, *args), opt)
@@ -331,9 +366,11 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
             p.grad = None
     actions = make_actions(case, compiled)
     params = list(case.module.parameters())
-    nets_s = None
+    nets_s = graph_s = None
     if compiled is not None:  # the networks' first compiled call, apart from the timed ones
         nets_s = _seconds(actions["svi-novalid-compiled-nets"], device)
+    if "cuda-graph" in actions:  # its eager warm-up steps and the capture, apart from the timed replays
+        graph_s = _seconds(lambda: [actions["cuda-graph"]() for _ in range(GRAPH_FIRST_CALLS)], device)
     times = time_interleaved(actions, params, device, repeats, warmup)
     stats = {k: summarise(v) for k, v in times.items()}
     base = stats[BASELINE]["median_ms"]
@@ -342,6 +379,7 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
         "objective": type(case.objective).__name__,
         "parameters": sum(p.numel() for p in params),
         "loss_check": check, "compile_seconds": compile_s, "compile_nets_seconds": nets_s,
+        "cuda_graph_first_calls_seconds": graph_s,
         "variants": stats,
         "ratios_to_handwritten": {k: s["median_ms"] / base for k, s in stats.items()},
         "times_ms": times,
@@ -381,6 +419,7 @@ def run(models: tuple[str, ...], sizes: str, batch_size: int, device: str, repea
 
 def render_markdown(r: dict[str, Any]) -> str:
     names = [k for k in VARIANTS if any(k in m["variants"] for m in r["models"])]
+    graphs = "cuda-graph" in names
     rows = []
     for m in r["models"]:
         cells = [f"{m['model']} ({m['parameters']:,} params)"]
@@ -391,6 +430,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         cells.append("n/a" if m["compile_seconds"] is None else f"{m['compile_seconds']:.0f}")
         nets_s = m.get("compile_nets_seconds")
         cells.append("n/a" if nets_s is None else f"{nets_s:.0f}")
+        if graphs:
+            graph_s = m.get("cuda_graph_first_calls_seconds")
+            cells.append("n/a" if graph_s is None else f"{graph_s:.1f}")
         cells.append(f"{m['loss_check']['rel_diff']:.1e}")
         rows.append(cells)
     sizes = "; ".join(f"{m['model']}: {m['sizes']}" for m in r["models"])
@@ -404,11 +446,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         "Each cell: median ms (IQR) ×ratio to the hand-written eager step. Compile: seconds of the compiled "
         "loss's first call in this process (forward and backward; inductor's on-disk cache may hold an "
         "earlier run's compilation, so this can be far below a cold compile); compile nets: the same for "
-        "the first step with the networks compiled. The compiled hand-written variant draws "
+        "the first step with the networks compiled"
+        + ("; graph s: the cuda-graph variant's warm-up steps and capture" if graphs else "")
+        + ". The compiled hand-written variant draws "
         "its noise with inductor's own generator (same distributions, other numbers). Check: relative "
         "difference of the Pyro and hand-written losses at the same seed (float32).",
         "",
-        markdown_table(["model", *[f"{k}" for k in names], "compile s", "compile nets s", "check"], rows),
+        markdown_table(["model", *[f"{k}" for k in names], "compile s", "compile nets s",
+                        *(["graph s"] if graphs else []), "check"], rows),
         "",
         "Variants: " + "; ".join(f"`{k}`: {VARIANTS[k]}" for k in names) + ".",
         "",

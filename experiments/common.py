@@ -19,6 +19,7 @@ import torch
 from experiments.config import describe_schema, load_preset, raw_presets, schema_of
 from experiments.data import Dataset
 from experiments.report import jsonable, write_json
+from inference.optim import ClippedAdam
 from inference.train import ExtraTerm, Trainer, load_checkpoint
 from inference.train import resolve_device as _resolve_device
 from ppl_models.base import ModelGuidePair, build_model
@@ -27,7 +28,17 @@ from ppl_models.vae import VAE
 #: Command-line options that are not configuration.
 NOT_CONFIG = {"preset", "out", "data_dir", "device", "resume", "force", "no_progress", "variants", "masks",
               "methods", "no_sweep", "report_only", "method", "mask", "set", "redo_finetune", "text", "jobs",
-              "validate", "compile"}
+              "validate", "compile", "step"}
+
+#: How the training step runs (``--step``; the environment variable ``SEQGEN_STEP`` carries it to
+#: :func:`train_best`, in this process and in the processes of ``--jobs``).
+STEPS = {
+    "svi": "Pyro's SVI step with pyro.optim.ClippedAdam, one optimiser per parameter (the committed results)",
+    "fused": "the objective's differentiable_loss and one inference.optim.ClippedAdam over all parameters: "
+             "the same update in a few foreach kernels",
+    "cuda-graph": "the fused step captured in CUDA graphs and replayed (inference.cuda_graph); CUDA only, "
+                  "and not for objectives that update online or hooks (walkback, GSN, professor forcing)",
+}
 
 
 def resolve_config(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -123,6 +134,10 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
                         "evaluation; the Pyro objective stays eager around them. Same numbers to float "
                         "round-off; for a GPU, where a step is bound by kernel launches (on a CPU it is no "
                         "faster). The first step pays the compile time. Recorded in the report")
+    parser.add_argument("--step", default="svi", choices=tuple(STEPS),
+                        help="how each training step runs (default svi). " + "; ".join(
+                            f"{k}: {v}" for k, v in STEPS.items()) + ". The update rule is the same; the "
+                        "optimiser's state is not, so a resume keeps the run's. Recorded as train_step")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--seed", type=non_negative_int, default=None,
@@ -197,7 +212,7 @@ def setting_differences(before: dict[str, Any], now: dict[str, Any], allowed: Se
 
 #: Keys the schema gained after runs had been recorded without them, with the value the code used then
 #: (an optional key absent from an older run and null now is the same setting too).
-_ADDED_KEYS: dict[str, Any] = {"train.betas": [0.9, 0.98]}
+_ADDED_KEYS: dict[str, Any] = {"train.betas": [0.9, 0.98], "train_step": "svi"}
 
 
 def output_dir(args: argparse.Namespace, default_out: str, config: dict[str, Any] | None = None) -> Path:
@@ -275,7 +290,11 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
     from inference.train import NonFiniteLossError
 
     out = None
+    step_before = os.environ.get("SEQGEN_STEP")
     try:
+        step = getattr(args, "step", "svi")
+        os.environ["SEQGEN_STEP"] = step  # read by train_best in this process and in --jobs cells
+        config["train_step"] = step  # part of what ran, and of what a resume must match
         if getattr(args, "validate", False):
             os.environ["SEQGEN_VALIDATE"] = "1"  # read by every Trainer of this run (and its --jobs cells)
         if getattr(args, "compile", False):
@@ -312,6 +331,11 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
     except BaseException:
         distributed.shutdown(wait=False)
         raise
+    finally:
+        if step_before is None:
+            os.environ.pop("SEQGEN_STEP", None)
+        else:
+            os.environ["SEQGEN_STEP"] = step_before
     distributed.shutdown()
     return 0
 
@@ -413,7 +437,12 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
     validation bound are the last epoch's.
 
     Gradient clipping, the one rule: the global L2 norm of the gradient of the batch-summed loss over all
-    parameters the step updates is clipped to ``clip_norm`` (Trainer), never element-wise."""
+    parameters the step updates is clipped to ``clip_norm`` (Trainer), never element-wise.
+
+    The step runs as the experiment's ``--step`` says (:data:`STEPS`, carried by ``SEQGEN_STEP``): Pyro's
+    SVI step with ``pyro.optim.ClippedAdam`` (default), or the differentiable loss with one
+    :class:`inference.optim.ClippedAdam` (``fused``), optionally captured in CUDA graphs (``cuda-graph``).
+    The update rule is the same in all three."""
     t = config["train"]
 
     def evaluate(epoch: int) -> dict[str, float]:
@@ -426,15 +455,19 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
 
     steps = t["epochs"] * -(-train_data.shape[0] // t["batch_size"])
     lrd = (t["lr_final"] / t["lr"]) ** (1.0 / max(steps, 1))
+    # Element-wise clamping off (ClippedAdam's clip_norm is a per-element clamp); the global norm of the
+    # batch-summed loss's gradient is clipped by the Trainer instead.
+    settings = {"lr": t["lr"], "lrd": lrd, "betas": tuple(t.get("betas", (0.9, 0.98))), "clip_norm": 1e12}
+    step = os.environ.get("SEQGEN_STEP", "svi")
+    if step not in STEPS:
+        raise ValueError(f"SEQGEN_STEP={step!r} is no training step; choose one of {sorted(STEPS)}")
+    optimizer = (pyro.optim.ClippedAdam(settings) if step == "svi"
+                 else lambda params: ClippedAdam(params, **settings))
     trainer = Trainer(
-        module.model, module.guide, module, loss,
-        # Element-wise clamping off (ClippedAdam's clip_norm is a per-element clamp); the global norm of the
-        # batch-summed loss's gradient is clipped by the Trainer instead.
-        pyro.optim.ClippedAdam({"lr": t["lr"], "lrd": lrd, "betas": tuple(t.get("betas", (0.9, 0.98))),
-                                "clip_norm": 1e12}),
+        module.model, module.guide, module, loss, optimizer,
         train_data=train_data, batch_size=t["batch_size"], epochs=t["epochs"], seed=config["seed"],
         device=device, out_dir=out, transform=transform, evaluate=evaluate, progress=progress,
-        clip_norm=t["clip_norm"], keep_best="valid_bound", extras=extras,
+        clip_norm=t["clip_norm"], keep_best="valid_bound", extras=extras, cuda_graph=step == "cuda-graph",
     )
     metrics = trainer.fit(resume=resume)
     if use_best:

@@ -18,10 +18,14 @@ and :func:`fd_scores`, :func:`mode_coverage`; :func:`parzen_log_likelihood`; :fu
 Training: :class:`Trainer` (checkpoints, exact resume, the NaN stop), :class:`ExtraTerm` (extra losses with
 their own optimisers) and :func:`finetune_guide` (q only, p frozen); variational walkback's online update
 (:class:`OnlineWalkbackELBO`, Goyal 2017, Alg. 1) and its p* moment tracker (:class:`PStarMoments`).
+Speed: :class:`ClippedAdam` (Pyro's ClippedAdam update as one torch optimiser over all parameters),
+:class:`GraphedStep` (a training step captured in CUDA graphs) and :func:`host_syncs` (the calls of a step
+that read the device back to the host).
 """
 
 from inference.calibration import Reliability, reliability
 from inference.collaborative import CollaborativeShaping, GuideFunction, generator_hinge, guide_function_loss
+from inference.cuda_graph import GraphedStep
 from inference.diagnostics import (
     bound_ladder,
     check_ladder,
@@ -37,6 +41,7 @@ from inference.diffusion_elbo import SubsampledDiffusionELBO
 from inference.diffusion_simple import SimpleDiffusionLoss
 from inference.fd_classifier import FDClassifier, fd_scores, load_fd_classifier, mode_coverage
 from inference.finetune import finetune_guide, frozen_except
+from inference.host_sync import host_syncs
 from inference.importance import ImportanceEstimate, importance_log_likelihood
 from inference.iwae import (
     IWAE_ELBO,
@@ -46,6 +51,7 @@ from inference.iwae import (
     log_mean_exp,
     max_plate_nesting,
 )
+from inference.optim import ClippedAdam
 from inference.ork_elbo import OverRegularisedKL_ELBO
 from inference.pathwise_kl_elbo import (
     PathwiseKL_ELBO,
@@ -75,6 +81,9 @@ from inference.train import (
 from inference.walkback import OnlineWalkbackELBO, PStarMoments
 
 __all__ = [
+    "ClippedAdam",
+    "GraphedStep",
+    "host_syncs",
     "select_parzen_sigma",
     "reconstruction_mse",
     "parzen_log_likelihood",

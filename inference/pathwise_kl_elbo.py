@@ -73,7 +73,7 @@ import torch
 from pyro.distributions import MaskedDistribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.trace_elbo import Trace_ELBO
-from pyro.infer.util import MultiFrameTensor, get_plate_stacks, torch_item
+from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled, torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
@@ -348,6 +348,14 @@ class PathwiseKL_ELBO(Trace_ELBO):
         return kl
 
     def _differentiable_loss_particle(self, model_trace: Trace, guide_trace: Trace):
+        # Trace_ELBO's contract: (the loss as a number, the surrogate loss). Used by loss_and_grads and loss.
+        elbo, surrogate = self._particle(model_trace, guide_trace)
+        loss = -torch_item(elbo) if not torch._C._get_tracing_state() else -elbo.detach()
+        return loss, surrogate
+
+    def _particle(self, model_trace: Trace, guide_trace: Trace):
+        """(ELBO, surrogate loss) of one particle, both left where they were computed (tensors, or the
+        number 0 for an empty trace)."""
         elbo = surrogate = 0.0
         analytic_sites = set()
         for key, value, surr, is_analytic in self._terms(model_trace, guide_trace):
@@ -372,8 +380,26 @@ class PathwiseKL_ELBO(Trace_ELBO):
                 cost = cost - own.detach()
             surrogate = surrogate + (cost * score).sum()
 
-        loss = -torch_item(elbo) if not torch._C._get_tracing_state() else -elbo.detach()
-        return loss, -surrogate
+        return elbo, -surrogate
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """The negative ELBO as a tensor whose gradient is the surrogate's, as
+        :meth:`pyro.infer.Trace_ELBO.differentiable_loss` gives it, without reading the value back to the
+        host: Trace_ELBO takes ``.item()`` of the surrogate and checks it for NaN every call, which on a GPU
+        stalls the step until the device has caught up, and which a CUDA graph cannot capture. The NaN
+        check runs while Pyro's validation is enabled; the Trainer checks the loss it steps on anyway."""
+        loss = surrogate = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            elbo, surrogate_particle = self._particle(model_trace, guide_trace)
+            loss = loss - elbo / self.num_particles
+            surrogate = surrogate + surrogate_particle / self.num_particles
+        if not torch.is_tensor(surrogate):  # nothing depends on a parameter
+            surrogate = torch.as_tensor(surrogate)
+        if is_validation_enabled():
+            warn_if_nan(surrogate, "loss")
+        # The value of the loss, the gradient of the surrogate (surrogate - surrogate.detach() is exactly 0).
+        value = loss.detach() if torch.is_tensor(loss) else torch.as_tensor(loss, dtype=surrogate.dtype)
+        return value + (surrogate - surrogate.detach())
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """An estimate of the negative ELBO (a float), averaged over ``num_particles``."""

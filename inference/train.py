@@ -24,6 +24,11 @@ Design
   plus the :meth:`ExtraTerm.generator_loss` of every hook, checks it is finite, back-propagates and
   steps. All trainable parameters must therefore live in ``module``.
 
+**Captured in CUDA graphs** (``cuda_graph=True``, differentiable-loss mode on a CUDA device,
+:mod:`inference.cuda_graph`): after the first step and a few warm-up steps per minibatch shape, a step replays
+two recorded graphs (loss and backward; clipping and the update) with the loss read back and checked between
+them, so the host's per-step work no longer bounds the step.
+
 **Under torchrun** (:mod:`inference.distributed`) each process trains on its shard of every minibatch and
 the step's loss (``differentiable_loss`` plus the generator terms, one module, :class:`_StepLoss`) runs
 through ``DistributedDataParallel``, which sums the gradients over processes during the backward pass; in
@@ -94,6 +99,7 @@ from pyro.optim import PyroOptim
 from torch import nn
 from tqdm.auto import tqdm
 
+from inference import cuda_graph as _cuda_graph
 from inference import distributed
 from inference.checkpoint import (
     BEST_NAME,
@@ -251,6 +257,12 @@ class Trainer:
         eager around them. ``None`` (default): on only where ``SEQGEN_COMPILE`` is ``1`` (the experiments'
         ``--compile`` sets it). Values equal the eager ones to float round-off; it pays on a GPU, where a
         step is launch-bound, not on a CPU. Evaluation and sampling use the compiled networks too.
+    :param cuda_graph: capture the training step in CUDA graphs (:mod:`inference.cuda_graph`): the
+        objective's Python runs once per input shape and every later step replays its kernels. Needs a CUDA
+        device, differentiable-loss mode with an optimiser whose state stays on the device (torch's Adam
+        family gets ``capturable=True`` here; :class:`inference.optim.ClippedAdam`), validation off in the
+        step, one process, no hooks and no ``compile``. Every step reads the loss back once, to stop on a
+        NaN before the update. The first steps of each input shape run eagerly (warm-up).
     :param keep_best: name of a metric returned by ``evaluate`` to *maximise* (e.g. a validation ELBO):
         the module weights of the best epoch so far are written atomically to ``out_dir/best.pt``
         (``{"module", "epoch", "metric", "value"}``); :meth:`load_best` puts them back in ``module``.
@@ -279,6 +291,7 @@ class Trainer:
         keep_best: str | None = None,
         validate: bool | None = None,
         compile: bool | None = None,
+        cuda_graph: bool = False,
     ):
         _check_arguments(model, guide, module, loss, batch_size, epochs, seed, transform, evaluate, clip_norm,
                          checkpoint_every_steps, keep_best)
@@ -337,6 +350,9 @@ class Trainer:
         if self.world_size > 1 and not self._online and callable(getattr(loss, "differentiable_loss", None)):
             self._forward = distributed.data_parallel(self._step_loss, self.device)
 
+        #: The captured step (cuda_graph=True), else None.
+        self.graphed_step = self._graphed_step() if cuda_graph else None
+
         # Fresh-run seeding; fit(resume=True) overwrites all of it from the checkpoint. Under torchrun the
         # data generator (the permutation) is seeded alike on every process, the rest per process.
         pyro.set_rng_seed(distributed.rank_seed(seed))
@@ -354,6 +370,30 @@ class Trainer:
         self._has_checkpoint = False  # a checkpoint of *this* run exists on disk
         self._params_checked = False
         self._fitted = False
+
+    def _graphed_step(self) -> _cuda_graph.GraphedStep:
+        refusals = [why for refused, why in (
+            (not _cuda_graph.capture_supported(self.device), f"a CUDA device (this run's is {self.device})"),
+            (self.mode != "diff",
+             "differentiable-loss mode (a factory params -> torch.optim.Optimizer, not a PyroOptim)"),
+            (self._online, f"a loss that is not online ({type(self.loss).__name__} steps several times per "
+                           "minibatch)"),
+            (not callable(getattr(self.loss, "differentiable_loss", None)),
+             f"a loss with differentiable_loss ({type(self.loss).__name__} has none)"),
+            (bool(self.extras), "no ExtraTerm hooks (their terms are read back every step)"),
+            (self.world_size > 1, "one process (not torchrun)"),
+            (self.validate, "validation off in the step (its checks read values back)"),
+            (self.compile, "compile off (capture the eager step, or compile the networks, not both)"),
+        ) if refused]
+        if refusals:
+            raise ValueError("cuda_graph=True needs " + "; ".join(refusals))
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            if "capturable" in group:  # torch's Adam family keeps its step counters on the device then
+                group["capturable"] = True
+        return _cuda_graph.GraphedStep(
+            lambda *args: self.loss.differentiable_loss(self.model, self.guide, *args),
+            list(self.module.parameters()), self.optimizer, self.clip_norm)
 
     def _build_optimizer(self, optimizer: PyroOptim | OptimizerFactory):
         """(mode, PyroOptim or None, torch optimiser or None) from the ``optimizer`` argument."""
@@ -601,6 +641,8 @@ class Trainer:
         """A step through the loss module: differentiable-loss mode, and SVI mode under torchrun (there the
         Pyro optimiser steps the parameters the trace reached, as SVI would)."""
         svi = self.mode == "svi"
+        if self.graphed_step is not None and self._params_checked:
+            return self._graph_step(args, epoch)
         if not svi:
             assert self.optimizer is not None
             self.optimizer.zero_grad(set_to_none=True)
@@ -630,6 +672,15 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return elbo_value, terms
+
+    def _graph_step(self, args: tuple, epoch: int) -> tuple[float, dict[str, float]]:
+        """A step of the captured graphs: loss and gradients, the loss read back and checked, the update."""
+        assert self.graphed_step is not None
+        value = float(self.graphed_step.loss(*args))  # the step's one read-back
+        if not math.isfinite(value):
+            self._raise_non_finite(epoch, value)
+        self.graphed_step.update()
+        return value, {}
 
     def _summed(self, values: list[float], terms: dict[str, float]) -> tuple[list[float], dict[str, float]]:
         """Loss values and generator terms summed over processes (one collective; unchanged outside

@@ -33,6 +33,7 @@ import re
 from abc import ABC, abstractmethod
 
 import torch
+from pyro.infer.util import is_validation_enabled
 
 __all__ = [
     "MAR",
@@ -79,7 +80,7 @@ def _draw_device(x: torch.Tensor, generator: torch.Generator | None) -> torch.de
     return x.device if generator is None else generator.device
 
 
-def _check_mask_values(mask: torch.Tensor, who: str) -> torch.Tensor:
+def _check_mask_values(mask: torch.Tensor, who: str, scan: bool = True) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{who}: mask must be a torch.Tensor of 0/1 values, got {type(mask).__name__}")
     if mask.dtype == torch.bool:
@@ -88,8 +89,11 @@ def _check_mask_values(mask: torch.Tensor, who: str) -> torch.Tensor:
         raise ValueError(
             f"{who}: mask must be real with values 0 (missing) or 1 (known), got dtype {mask.dtype}"
         )
+    if not scan:
+        return mask
     bad = (mask != 0) & (mask != 1)  # NaN is caught here too
-    if bad.any():
+    if bad.any():  # reads a value back: a host synchronisation on a GPU
+
         offending = torch.unique(mask[bad].detach().cpu())
         shown = ", ".join(f"{v:g}" for v in offending[:10].tolist())
         more = f" (and {offending.numel() - 10} more)" if offending.numel() > 10 else ""
@@ -108,14 +112,18 @@ def validate_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ``(D,)`` (one mask for every image) or ``(B, D)`` matching ``x``.
     :param x: the data batch, shape ``(B, D)``, floating dtype.
     :returns: the mask with ``x``'s shape, dtype and device (a new, contiguous tensor).
-    :raises ValueError: if the shape does not match ``x`` or a value is not 0 or 1.
+    :raises ValueError: if the shape does not match ``x``, or a value is not 0 or 1. The values are
+        scanned while Pyro's argument validation is enabled (its default; ``pyro.validation_enabled(False)``
+        skips the scan, as the training step does, where the masks come from a mask process).
     """
     return _validate_mask(mask, x, "validate_mask")
 
 
 def _validate_mask(mask: torch.Tensor, x: torch.Tensor, who: str) -> torch.Tensor:
     _check_data(x, None, who)
-    mask = _check_mask_values(mask, who)
+    # The value scan is argument validation, as Pyro's: on by default, off in the Trainer's training step
+    # (whose masks come from a mask process), where reading its result back would stall a GPU every step.
+    mask = _check_mask_values(mask, who, scan=is_validation_enabled())
     batch, dim = x.shape
     if mask.shape not in ((dim,), (batch, dim)):
         raise ValueError(

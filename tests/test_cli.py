@@ -227,3 +227,26 @@ def test_compile_flag_compiles_the_networks_and_is_recorded(tmp_path, monkeypatc
     assert vae_experiment.main([*args, "--resume"]) == 0
     assert counters["stats"]["unique_graphs"] == graphs  # eager this time
     assert "compiled_networks" not in json.loads((out / "config.json").read_text())
+
+
+def test_step_flag_trains_the_same_update_and_a_resume_keeps_the_step(tmp_path, capsys):
+    """``--step fused`` trains with one inference.optim.ClippedAdam (a torch optimiser state in the
+    checkpoint) to the numbers of the default SVI step up to float round-off, is recorded as train_step, and a
+    resume with another step is refused by name; ``--step cuda-graph`` on a CPU says what it needs."""
+    from inference.train import load_checkpoint
+
+    runs = {}
+    for step in ("svi", "fused"):
+        out = tmp_path / step
+        assert vae_experiment.main([*SMALL_VAE, "--out", str(out), "--step", step]) == 0
+        assert json.loads((out / "config.json").read_text())["train_step"] == step
+        runs[step] = json.loads((out / "results.json").read_text())["train"]
+        optimiser = load_checkpoint(out / "checkpoint.pt")["optimizer"]
+        assert ("param_groups" in optimiser) == (step == "fused")  # torch's state_dict vs Pyro's get_state
+    assert os.environ.get("SEQGEN_STEP") is None  # the flag's setting ends with the run
+    assert runs["fused"]["final_train_loss"] == pytest.approx(runs["svi"]["final_train_loss"], rel=1e-5)
+    capsys.readouterr()
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(tmp_path / "fused"), "--resume"]) == 2
+    assert "train_step: run 'fused', now 'svi'" in capsys.readouterr().err
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(tmp_path / "graph"), "--step", "cuda-graph"]) == 2
+    assert "cuda_graph=True needs a CUDA device (this run's is cpu)" in capsys.readouterr().err

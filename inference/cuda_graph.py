@@ -1,0 +1,168 @@
+"""A training step captured in CUDA graphs: Pyro's tracing runs once, the GPU replays its kernels.
+
+At the papers' sizes a step on a GPU is bound by the host, not the device: Pyro's messengers, the model's
+Python and the optimiser queue a few thousand small kernels, and the device waits for them (the issue's
+H100 measurements: 26.6 ms for the hand-written eager step of GPSI against 7.7 ms compiled). A CUDA graph
+records the kernels of one step once and replays them with one launch, so the host's per-step work is
+copying the minibatch in and reading one number out. What a replay repeats is exactly the recorded
+kernels, on the same memory: the objective's Python (which sites exist, which KL is analytic) is fixed at
+capture, and the random draws come fresh on each replay from the CUDA generator (graph-safe Philox).
+
+A step is two graphs, so that the loss is checked *before* the update, as in the eager Trainer:
+
+1. ``forward``: the loss on static copies of the inputs, and its backward pass into the parameters'
+   ``.grad`` (tensors owned by the graph from then on);
+2. the host reads the loss (the step's one synchronisation) and stops on a NaN/inf with the parameters
+   untouched;
+3. ``update``: gradient clipping (global norm) and the optimiser's step.
+
+Requirements, checked where they can be: a CUDA device; a loss whose step reads nothing back to the host
+(:func:`inference.host_sync.host_syncs` finds such calls on a CPU; Pyro's validation must be off, as it is in
+the Trainer's step by default); an optimiser whose state stays on the device (``torch.optim.Adam`` with
+``capturable=True``, set by the Trainer; :class:`inference.optim.ClippedAdam`); inputs of fixed shapes
+(each shape gets its own pair of graphs, e.g. an epoch's shorter last minibatch); a learning rate that the
+host does not change during training (it is recorded as a constant; ClippedAdam's decay is computed on the
+device). The first ``warmup`` steps of each input shape run eagerly on a side stream, as CUDA graph capture
+requires (lazy initialisation, the optimiser's state), and are ordinary training steps.
+
+Used by :class:`inference.train.Trainer` (``cuda_graph=True``; every experiment's ``--step cuda-graph``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["GraphedStep", "capture_supported"]
+
+
+def capture_supported(device: torch.device) -> bool:
+    """Whether steps on ``device`` can be captured: CUDA only."""
+    return device.type == "cuda"
+
+
+@dataclass
+class _Captured:
+    inputs: tuple[torch.Tensor, ...]  # the static inputs the graphs read
+    loss: torch.Tensor  # the static loss the forward graph writes
+    forward: Any  # torch.cuda.CUDAGraph
+    update: Any
+
+
+class GraphedStep:
+    """One training step (loss, backward, clipping, optimiser step) as a pair of CUDA graphs per input shape.
+
+    :param loss_fn: ``loss_fn(*inputs)`` -> the scalar loss to minimise (e.g. an ELBO's
+        ``differentiable_loss``); it must read nothing back to the host.
+    :param params: the parameters the optimiser steps (those ``loss_fn`` reaches get gradients).
+    :param optimizer: a torch optimiser over ``params`` whose step stays on the device.
+    :param clip_norm: the bound of the gradients' global L2 norm, or None.
+    :param warmup: eager steps per input shape before it is captured, >= 1.
+
+    Call :meth:`loss` with a step's inputs (forward and backward; returns the loss on the device), check the
+    value, then :meth:`update`.
+    """
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], params: Sequence[torch.nn.Parameter],
+                 optimizer: torch.optim.Optimizer, clip_norm: float | None = None, warmup: int = 3,
+                 _graphs: Any = None):
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (capture needs an eager step first), got {warmup}")
+        self.loss_fn, self.params, self.optimizer = loss_fn, list(params), optimizer
+        self.clip_norm, self.warmup = clip_norm, warmup
+        self._cuda = _graphs or _CudaGraphs()
+        self._captured: dict[tuple, _Captured] = {}
+        self._seen: dict[tuple, int] = {}
+        self._pending: _Captured | None = None  # the captured step whose update is next; None: eager
+
+    @property
+    def captured_shapes(self) -> list[tuple]:
+        """The input shapes (and dtypes) captured so far."""
+        return list(self._captured)
+
+    def loss(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of the step on ``inputs``; returns the loss (detached, on the device). The
+        gradients are in the graph's memory (or, while warming up, in ``.grad``) until :meth:`update`."""
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+        captured = self._captured.get(key)
+        if captured is None:
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] <= self.warmup:
+                self._pending = None
+                with self._cuda.side_stream():
+                    self._clear_grads()
+                    loss = self.loss_fn(*inputs)
+                    loss.backward()
+                    return loss.detach()
+            captured = self._captured[key] = self._capture(inputs)
+        for static, value in zip(captured.inputs, inputs, strict=True):
+            static.copy_(value)
+        captured.forward.replay()
+        self._pending = captured
+        return captured.loss
+
+    def update(self) -> None:
+        """Clip the gradients of the last :meth:`loss` and step the optimiser."""
+        if self._pending is not None:
+            self._pending.update.replay()
+            self._pending = None
+            return
+        with self._cuda.side_stream():
+            self._clip_and_step()
+            self._clear_grads()
+
+    # ------------------------------------------------------------------ capture
+
+    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> _Captured:
+        static = tuple(t.clone() for t in inputs)
+        loss = torch.zeros((), dtype=inputs[0].dtype if inputs else torch.float32,
+                           device=inputs[0].device if inputs else None)
+
+        def forward() -> None:
+            # Gradients start as None, so the captured backward writes (not adds) them: each replay
+            # overwrites the last step's.
+            self._clear_grads()
+            value = self.loss_fn(*static)
+            value.backward()
+            loss.copy_(value.detach())
+
+        forward_graph = self._cuda.capture(forward)
+        update_graph = self._cuda.capture(self._clip_and_step, pool=forward_graph)
+        return _Captured(static, loss, forward_graph, update_graph)
+
+    def _clip_and_step(self) -> None:
+        if self.clip_norm is not None:
+            # foreach norms and a clamped scale: no host read, unlike error_if_nonfinite.
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.clip_norm)
+        self.optimizer.step()
+
+    def _clear_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+class _CudaGraphs:
+    """torch.cuda's graphs; tests on a CPU put a stand-in with the same three methods in their place."""
+
+    def __init__(self) -> None:
+        self._stream: torch.cuda.Stream | None = None
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        # Warm-up steps run on a side stream, as torch's CUDA graph documentation prescribes.
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            yield
+        torch.cuda.current_stream().wait_stream(self._stream)
+
+    def capture(self, fn: Callable[[], None], pool: Any = None) -> Any:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=None if pool is None else pool.pool()):
+            fn()
+        return graph

@@ -1,0 +1,88 @@
+"""Finding the places where a training step reads a value back from the device.
+
+On a GPU the host queues kernels ahead of the device; a call that needs a tensor's *value* on the host
+(``Tensor.item()``, ``bool(t)`` in an ``if``, ``.tolist()``, ``.cpu()``) or an output whose *shape* depends
+on values (``nonzero``, boolean-mask indexing, ``unique``) waits until the device has run everything queued
+before it. A step with such a call cannot run ahead of the device, and cannot be captured in a CUDA graph at
+all (:mod:`inference.cuda_graph`). Such calls are invisible on a CPU, where nothing is queued;
+:func:`host_syncs` records them on any device, so a test on a CPU can say that a step is free of them.
+
+It watches the calls through a :class:`torch.overrides.TorchFunctionMode`, which sees every torch function
+and tensor method called from Python (calls made inside C++ kernels are not host reads anyway). The list of
+watched calls is :data:`SYNCING`; ``torch.cuda.set_sync_debug_mode("error")`` is the check on a real GPU.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["SYNCING", "HostSync", "host_syncs"]
+
+#: Calls that read a value back to the host, or whose output shape depends on values.
+SYNCING: frozenset[Callable[..., Any]] = frozenset({
+    torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+    torch.Tensor.__index__, torch.Tensor.__complex__, torch.Tensor.tolist, torch.Tensor.numpy,
+    torch.Tensor.cpu, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.argwhere, torch.argwhere,
+    torch.Tensor.masked_select, torch.masked_select, torch.Tensor.unique, torch.unique,
+    torch.unique_consecutive, torch.Tensor.__repr__, torch.Tensor.__format__,
+})
+
+
+@dataclass(frozen=True)
+class HostSync:
+    """One call that reads the device back: the function's name and where it was called from."""
+
+    call: str
+    where: str
+
+    def __str__(self) -> str:
+        return f"{self.call} at {self.where}"
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[HostSync] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SYNCING or _reads_back(func, args, kwargs):
+            frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("overrides.py")]
+            where = " <- ".join(f"{_short(f.filename)}:{f.lineno}" for f in reversed(frames[-3:]))
+            self.found.append(HostSync(getattr(func, "__name__", str(func)), where))
+        return func(*args, **kwargs)
+
+
+def _reads_back(func: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
+    """Indexing with a boolean tensor (its result's shape is the number of True values), and copies to the
+    host with ``Tensor.to``."""
+    if func is torch.Tensor.__getitem__ and len(args) > 1:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+    if func is torch.Tensor.to:
+        # A copy to the host: named as such ("cpu"), or from a tensor that is on another device. A
+        # ``.to(device=x.device)`` that stays on the CPU is no read-back on a GPU either.
+        source = args[0].device.type if isinstance(args[0], torch.Tensor) else "cpu"
+        targets = [*args[1:], kwargs.get("device")]
+        return any((isinstance(t, str) and t.startswith("cpu")) or
+                   (isinstance(t, torch.device) and t.type == "cpu" and source != "cpu") for t in targets)
+    return False
+
+
+def _short(filename: str) -> str:
+    parts = filename.replace("\\", "/").split("/")
+    return "/".join(parts[-2:])
+
+
+def host_syncs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, list[HostSync]]:
+    """Run ``fn(*args, **kwargs)`` and return (its result, the calls it made that read the device back to
+    the host, in order). On a CPU nothing waits, but the same calls would stall a GPU."""
+    with _Recorder() as recorder:
+        result = fn(*args, **kwargs)
+    return result, recorder.found
