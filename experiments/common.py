@@ -35,9 +35,11 @@ NOT_CONFIG = {"preset", "out", "data_dir", "device", "resume", "force", "no_prog
 STEPS = {
     "svi": "Pyro's SVI step with pyro.optim.ClippedAdam, one optimiser per parameter (the committed results)",
     "fused": "the objective's differentiable_loss and one inference.optim.ClippedAdam over all parameters: "
-             "the same update in a few foreach kernels",
-    "cuda-graph": "the fused step captured in CUDA graphs and replayed (inference.cuda_graph); CUDA only, "
-                  "and not for objectives that update online or hooks (walkback, GSN, professor forcing)",
+             "the same update (foreach kernels off the CPU)",
+    "cuda-graph": "the fused step captured in CUDA graphs and replayed (inference.cuda_graph); CUDA only; "
+                  "not for an online objective (walkback) or hooks (GSN's guide function, professor "
+                  "forcing's discriminator), and a step that reads values back (Pyro's Trace_ELBO) is "
+                  "refused by name before any capture",
 }
 
 
@@ -137,7 +139,9 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
     parser.add_argument("--step", default="svi", choices=tuple(STEPS),
                         help="how each training step runs (default svi). " + "; ".join(
                             f"{k}: {v}" for k, v in STEPS.items()) + ". The update rule is the same; the "
-                        "optimiser's state is not, so a resume keeps the run's. Recorded as train_step")
+                        "optimiser's state is not, so a resume keeps the run's. It applies to the stages "
+                        "trained by the common rule (GC-RL's agent keeps its own Adam). Recorded as "
+                        "train_step")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--seed", type=non_negative_int, default=None,
@@ -461,6 +465,9 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
     step = os.environ.get("SEQGEN_STEP", "svi")
     if step not in STEPS:
         raise ValueError(f"SEQGEN_STEP={step!r} is no training step; choose one of {sorted(STEPS)}")
+    if step != "svi" and callable(getattr(loss, "online_losses", None)):
+        raise ValueError(f"--step {step}: {type(loss).__name__} updates online, one Pyro optimiser step per "
+                         "term of a minibatch; it trains with --step svi only")
     optimizer = (pyro.optim.ClippedAdam(settings) if step == "svi"
                  else lambda params: ClippedAdam(params, **settings))
     trainer = Trainer(

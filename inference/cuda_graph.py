@@ -17,13 +17,17 @@ A step is two graphs, so that the loss is checked *before* the update, as in the
 3. ``update``: gradient clipping (global norm) and the optimiser's step.
 
 Requirements, checked where they can be: a CUDA device; a loss whose step reads nothing back to the host
-(:func:`inference.host_sync.host_syncs` finds such calls on a CPU; Pyro's validation must be off, as it is in
+and copies no host data to the device (the first warm-up step of each shape runs under
+:func:`inference.host_sync.host_syncs` and ``torch.cuda.set_sync_debug_mode("error")``, and such a step is
+refused by name, :class:`StepNotCapturable`, before any capture; Pyro's validation must be off, as it is in
 the Trainer's step by default); an optimiser whose state stays on the device (``torch.optim.Adam`` with
 ``capturable=True``, set by the Trainer; :class:`inference.optim.ClippedAdam`); inputs of fixed shapes
-(each shape gets its own pair of graphs, e.g. an epoch's shorter last minibatch); a learning rate that the
-host does not change during training (it is recorded as a constant; ClippedAdam's decay is computed on the
-device). The first ``warmup`` steps of each input shape run eagerly on a side stream, as CUDA graph capture
-requires (lazy initialisation, the optimiser's state), and are ordinary training steps.
+(each shape gets its own pair of graphs, e.g. an epoch's shorter last minibatch), reaching the same
+parameters as its warm-up steps; a learning rate that the host does not change during training (it is
+recorded as a constant; ClippedAdam's decay is computed on the device). After a step no ``.grad`` is left:
+the graphs own the gradients' memory. The first ``warmup`` steps of each input shape run eagerly on a side
+stream, as CUDA graph capture requires (lazy initialisation, the optimiser's state), and are ordinary
+training steps.
 
 Used by :class:`inference.train.Trainer` (``cuda_graph=True``; every experiment's ``--step cuda-graph``).
 """
@@ -37,7 +41,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["GraphedStep", "capture_supported"]
+from inference.host_sync import _Recorder
+
+__all__ = ["GraphedStep", "StepNotCapturable", "capture_supported"]
 
 
 def capture_supported(device: torch.device) -> bool:
@@ -48,9 +54,14 @@ def capture_supported(device: torch.device) -> bool:
 @dataclass
 class _Captured:
     inputs: tuple[torch.Tensor, ...]  # the static inputs the graphs read
-    loss: torch.Tensor  # the static loss the forward graph writes
+    out: dict[str, torch.Tensor]  # "loss": the static loss the forward graph writes
     forward: Any  # torch.cuda.CUDAGraph
     update: Any
+
+
+class StepNotCapturable(ValueError):
+    """A step that a CUDA graph cannot hold: it reads values back to the host, copies host data to the
+    device, or the optimiser meets a parameter for the first time at capture."""
 
 
 class GraphedStep:
@@ -61,7 +72,9 @@ class GraphedStep:
     :param params: the parameters the optimiser steps (those ``loss_fn`` reaches get gradients).
     :param optimizer: a torch optimiser over ``params`` whose step stays on the device.
     :param clip_norm: the bound of the gradients' global L2 norm, or None.
-    :param warmup: eager steps per input shape before it is captured, >= 1.
+    :param warmup: eager steps per input shape before it is captured, >= 1. The first of them (per shape)
+        runs under :func:`inference.host_sync.host_syncs` and, on CUDA, ``torch.cuda.set_sync_debug_mode
+        ("error")``, and raises :class:`StepNotCapturable` naming the calls a graph could not hold.
 
     Call :meth:`loss` with a step's inputs (forward and backward; returns the loss on the device), check the
     value, then :meth:`update`.
@@ -74,10 +87,11 @@ class GraphedStep:
             raise ValueError(f"warmup must be >= 1 (capture needs an eager step first), got {warmup}")
         self.loss_fn, self.params, self.optimizer = loss_fn, list(params), optimizer
         self.clip_norm, self.warmup = clip_norm, warmup
-        self._cuda = _graphs or _CudaGraphs()
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self._cuda = _graphs or _CudaGraphs(device)
         self._captured: dict[tuple, _Captured] = {}
         self._seen: dict[tuple, int] = {}
-        self._pending: _Captured | None = None  # the captured step whose update is next; None: eager
+        self._pending: _Captured | str | None = None  # next update: a captured step's, "eager", or none
 
     @property
     def captured_shapes(self) -> list[tuple]:
@@ -89,38 +103,43 @@ class GraphedStep:
         gradients are in the graph's memory (or, while warming up, in ``.grad``) until :meth:`update`."""
         key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
         captured = self._captured.get(key)
-        if captured is None:
-            self._seen[key] = self._seen.get(key, 0) + 1
-            if self._seen[key] <= self.warmup:
-                self._pending = None
-                with self._cuda.side_stream():
-                    self._clear_grads()
-                    loss = self.loss_fn(*inputs)
-                    loss.backward()
-                    return loss.detach()
-            captured = self._captured[key] = self._capture(inputs)
-        for static, value in zip(captured.inputs, inputs, strict=True):
-            static.copy_(value)
-        captured.forward.replay()
+        with self._cuda.on_device():
+            if captured is None:
+                self._seen[key] = self._seen.get(key, 0) + 1
+                if self._seen[key] <= self.warmup:
+                    self._pending = "eager"
+                    with self._cuda.side_stream(), self._checked(self._seen[key] == 1, "loss and backward"):
+                        self._clear_grads()
+                        loss = self.loss_fn(*inputs)
+                        loss.backward()
+                        return loss.detach()
+                captured = self._captured[key] = self._capture(inputs)
+            for static, value in zip(captured.inputs, inputs, strict=True):
+                static.copy_(value)
+            captured.forward.replay()
         self._pending = captured
-        return captured.loss
+        return captured.out["loss"]
 
     def update(self) -> None:
         """Clip the gradients of the last :meth:`loss` and step the optimiser."""
-        if self._pending is not None:
-            self._pending.update.replay()
-            self._pending = None
-            return
-        with self._cuda.side_stream():
-            self._clip_and_step()
-            self._clear_grads()
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError("GraphedStep.update() needs a loss() first (one update per loss)")
+        with self._cuda.on_device():
+            if pending != "eager":
+                pending.update.replay()
+                self._clear_grads()  # after a step no .grad is left, captured or eager (see _capture)
+                return
+            first = not self.optimizer.state
+            with self._cuda.side_stream(), self._checked(first, "clipping and the optimiser's step"):
+                self._clip_and_step()
+                self._clear_grads()
 
     # ------------------------------------------------------------------ capture
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> _Captured:
         static = tuple(t.clone() for t in inputs)
-        loss = torch.zeros((), dtype=inputs[0].dtype if inputs else torch.float32,
-                           device=inputs[0].device if inputs else None)
+        out: dict[str, torch.Tensor] = {}
 
         def forward() -> None:
             # Gradients start as None, so the captured backward writes (not adds) them: each replay
@@ -128,11 +147,21 @@ class GraphedStep:
             self._clear_grads()
             value = self.loss_fn(*static)
             value.backward()
-            loss.copy_(value.detach())
+            out["loss"] = value.detach()  # the static output: each replay writes the step's loss into it
 
         forward_graph = self._cuda.capture(forward)
+        new = [p for p in self.params if p.grad is not None and self.optimizer.state
+               and not self.optimizer.state.get(p)]
+        if new:
+            # Its state would be created inside the graph and reset on every replay.
+            raise StepNotCapturable(f"{len(new)} parameter(s) first get a gradient at capture (shape "
+                                    f"{[tuple(t.shape) for t in inputs]}), after the warm-up steps; the "
+                                    "optimiser has no state for them")
         update_graph = self._cuda.capture(self._clip_and_step, pool=forward_graph)
-        return _Captured(static, loss, forward_graph, update_graph)
+        # The graphs own the gradients' memory now; Python lets go of it, so that nothing outside the graphs
+        # (a fine-tuning after training, a later backward) reads or adds into it.
+        self._clear_grads()
+        return _Captured(static, out, forward_graph, update_graph)
 
     def _clip_and_step(self) -> None:
         if self.clip_norm is not None:
@@ -144,12 +173,39 @@ class GraphedStep:
         for p in self.params:
             p.grad = None
 
+    @contextlib.contextmanager
+    def _checked(self, check: bool, what: str) -> Iterator[None]:
+        """With ``check``: run the block watching for what a graph cannot hold, and refuse it by name."""
+        if not check:
+            yield
+            return
+        with self._cuda.sync_debug(), _Recorder() as recorder:
+            try:
+                yield
+            except RuntimeError as e:
+                if "synchroniz" not in str(e):  # not torch.cuda's sync debug mode
+                    raise
+                raise StepNotCapturable(f"the step's {what} synchronises with the host, which a CUDA graph "
+                                        f"cannot hold: {e}") from e
+        if recorder.found:
+            calls = "; ".join(str(f) for f in recorder.found[:8])
+            raise StepNotCapturable(
+                f"the step's {what} reads values back to the host or copies host data to the device, which "
+                f"a CUDA graph cannot hold ({len(recorder.found)} call(s): {calls}). Turn off Pyro's "
+                "validation in the step, or use --step fused (not captured)")
+
 
 class _CudaGraphs:
-    """torch.cuda's graphs; tests on a CPU put a stand-in with the same three methods in their place."""
+    """torch.cuda's graphs on one device; tests on a CPU put a stand-in with the same methods in their
+    place."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self._stream: torch.cuda.Stream | None = None
+
+    def on_device(self) -> contextlib.AbstractContextManager:
+        # Streams and graphs belong to the current device: make it the parameters' (cuda:N).
+        return torch.cuda.device(self.device)
 
     @contextlib.contextmanager
     def side_stream(self) -> Iterator[None]:
@@ -160,6 +216,15 @@ class _CudaGraphs:
         with torch.cuda.stream(self._stream):
             yield
         torch.cuda.current_stream().wait_stream(self._stream)
+
+    @contextlib.contextmanager
+    def sync_debug(self) -> Iterator[None]:
+        before = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
 
     def capture(self, fn: Callable[[], None], pool: Any = None) -> Any:
         graph = torch.cuda.CUDAGraph()

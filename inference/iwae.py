@@ -38,6 +38,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import warn_if_nan
 
@@ -337,7 +338,8 @@ class IWAE_ELBO(ELBO):
         """-Σ_n L_K(x_n) as a differentiable tensor (path-wise gradients)."""
         self._check_reparameterised(guide, args, kwargs)
         loss = -self._bound(model, guide, args, kwargs)
-        warn_if_nan(loss, "loss")
+        if is_validation_enabled():  # reads the value back: not in the training step (nor in a CUDA graph)
+            warn_if_nan(loss, "loss")
         return loss
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:

@@ -387,13 +387,18 @@ class Trainer:
         ) if refused]
         if refusals:
             raise ValueError("cuda_graph=True needs " + "; ".join(refusals))
-        assert self.optimizer is not None
-        for group in self.optimizer.param_groups:
-            if "capturable" in group:  # torch's Adam family keeps its step counters on the device then
-                group["capturable"] = True
+        self._make_capturable()
         return _cuda_graph.GraphedStep(
             lambda *args: self.loss.differentiable_loss(self.model, self.guide, *args),
             list(self.module.parameters()), self.optimizer, self.clip_norm)
+
+    def _make_capturable(self) -> None:
+        # torch's Adam family (and inference.optim.ClippedAdam) keep the step's arithmetic on the device then.
+        # Again after a resume: torch's load_state_dict takes the groups' settings from the checkpoint.
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            if "capturable" in group:
+                group["capturable"] = True
 
     def _build_optimizer(self, optimizer: PyroOptim | OptimizerFactory):
         """(mode, PyroOptim or None, torch optimiser or None) from the ``optimizer`` argument."""
@@ -446,6 +451,8 @@ class Trainer:
                     f"cannot resume: no checkpoint at {self.checkpoint_path} (run fit() without resume first)"
                 )
             self._restore(load_checkpoint(self.checkpoint_path))
+            if self.graphed_step is not None:
+                self._make_capturable()
             text = "".join(_json_line(m) for m in self.metrics)
             atomic_write(self.metrics_path, lambda f: f.write(text), binary=False)
             if self.keep_best is not None and self.best_path.is_file():

@@ -101,7 +101,7 @@ class ConvVAE(ModelGuidePair):
             raise ValueError("give data x or num_samples")
         zeros = torch.zeros(n, self.z_dim, device=self.log_sigma2.device)
         with pyro.plate("data", n):
-            z = pyro.sample("z_0", dist.Normal(zeros, 1.0).to_event(1))
+            z = pyro.sample("z_0", dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))
             mean = self.decode(z)
             pyro.sample("x", dist.Normal(mean, (0.5 * self.log_sigma2).exp().expand_as(mean)).to_event(1),
                         obs=x)

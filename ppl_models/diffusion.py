@@ -43,6 +43,7 @@ from abc import abstractmethod
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.distributions import kl_divergence
 
@@ -262,8 +263,11 @@ class BernoulliDiffusion(DiffusionPair):
         data, or the denoiser's guess, which mixes the two posteriors). The kernel from s to t is
         q(x_t | x_s) = Bernoulli(x_s r + (1 − r)/2) with r = ᾱ_t / ᾱ_s (one step: r = 1 − β_t)."""
         s = t - 1 if s is None else s
-        if not bool(torch.all((1 <= torch.as_tensor(s)) & (torch.as_tensor(s) < torch.as_tensor(t))
-                              & (torch.as_tensor(t) <= self.num_steps))):
+        # An argument check that reads the steps back: while Pyro's validation is on (off in the training
+        # step, whose steps are drawn in range, and where a CUDA graph forbids the read).
+        if is_validation_enabled() and not bool(torch.all(
+                (1 <= torch.as_tensor(s)) & (torch.as_tensor(s) < torch.as_tensor(t))
+                & (torch.as_tensor(t) <= self.num_steps))):
             raise ValueError(f"need 1 <= s < t <= T = {self.num_steps}, got s={s}, t={t}")
         r = self._at(self.alpha_bar, t) / self._at(self.alpha_bar, s)
         k1, k0 = (1 + r) / 2, (1 - r) / 2  # q(x_t = 1 | x_s = 1), q(x_t = 1 | x_s = 0)

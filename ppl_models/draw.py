@@ -146,7 +146,7 @@ class DRAWGenerator(ModelGuidePair):
             if guide:
                 z0_dist = diag_normal(self.q_z0(x))
             else:
-                z0_dist = dist.Normal(ref.new_zeros(self.z0_dim), 1.0).to_event(1)
+                z0_dist = dist.Normal(ref.new_zeros(self.z0_dim), ref.new_ones(self.z0_dim)).to_event(1)
             writer, guide_state = self.initial(pyro.sample("z_0", z0_dist))
         else:
             writer, guide_state = self._constant_state(self.s0, n), self._constant_state(self.s0_guide, n)
@@ -160,7 +160,8 @@ class DRAWGenerator(ModelGuidePair):
             elif self.prior == "extended":
                 step = diag_normal(self.p_step(writer[0]))  # p(z_t | s_{t-1}): closed loop
             else:
-                step = dist.Normal(ref.new_zeros(self.z_dim), 1.0).to_event(1)  # p(z_t): open loop
+                # p(z_t): open loop (a tensor scale: a number would be copied from the host every step)
+                step = dist.Normal(ref.new_zeros(self.z_dim), ref.new_ones(self.z_dim)).to_event(1)
             z = pyro.sample(f"z_{t}", step)
             writer, canvas = writer_step(self.writer, self.write, z, writer, canvas, self.update)
             canvases.append(canvas)

@@ -199,7 +199,7 @@ class GaussianDiffusion(DiffusionPair):
 
     # ------------------------------------------------------------------------ the five distributions
     def prior(self, n: int) -> dist.TorchDistribution:
-        return dist.Normal(self.beta.new_zeros(n, self.x_dim), 1.0).to_event(1)
+        return dist.Normal(self.beta.new_zeros(n, self.x_dim), self.beta.new_ones(n, self.x_dim)).to_event(1)
 
     def q_t(self, x0: torch.Tensor, t: Step) -> dist.TorchDistribution:
         return dist.Normal(self._c("sqrt_ab", t) * x0, self._c("sqrt_1m_ab", t).expand_as(x0)).to_event(1)

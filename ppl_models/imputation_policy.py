@@ -21,6 +21,7 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer.util import is_validation_enabled
 
 from ppl_models.base import ModelGuidePair
 from ppl_models.masks import validate_mask
@@ -51,7 +52,8 @@ class ImputationPolicy(ModelGuidePair):
             return x, torch.zeros_like(x), None
         if num is not None and num != x.shape[0]:
             raise ValueError(f"num_samples={num} disagrees with the {x.shape[0]} rows of x")
-        return x, validate_mask(mask, x).to(x.dtype), x
+        # The model and guide check as argument validation: off in the training step (see validate_mask).
+        return x, validate_mask(mask, x, is_validation_enabled()).to(x.dtype), x
 
     def model(
         self, x: torch.Tensor | None, mask: torch.Tensor | None, num_samples: int | None = None

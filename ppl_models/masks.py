@@ -33,7 +33,6 @@ import re
 from abc import ABC, abstractmethod
 
 import torch
-from pyro.infer.util import is_validation_enabled
 
 __all__ = [
     "MAR",
@@ -93,7 +92,6 @@ def _check_mask_values(mask: torch.Tensor, who: str, scan: bool = True) -> torch
         return mask
     bad = (mask != 0) & (mask != 1)  # NaN is caught here too
     if bad.any():  # reads a value back: a host synchronisation on a GPU
-
         offending = torch.unique(mask[bad].detach().cpu())
         shown = ", ".join(f"{v:g}" for v in offending[:10].tolist())
         more = f" (and {offending.numel() - 10} more)" if offending.numel() > 10 else ""
@@ -104,7 +102,7 @@ def _check_mask_values(mask: torch.Tensor, who: str, scan: bool = True) -> torch
     return mask
 
 
-def validate_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def validate_mask(mask: torch.Tensor, x: torch.Tensor, check_values: bool = True) -> torch.Tensor:
     """
     Checks a mask against a data batch and returns it in canonical form.
 
@@ -112,18 +110,17 @@ def validate_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ``(D,)`` (one mask for every image) or ``(B, D)`` matching ``x``.
     :param x: the data batch, shape ``(B, D)``, floating dtype.
     :returns: the mask with ``x``'s shape, dtype and device (a new, contiguous tensor).
-    :raises ValueError: if the shape does not match ``x``, or a value is not 0 or 1. The values are
-        scanned while Pyro's argument validation is enabled (its default; ``pyro.validation_enabled(False)``
-        skips the scan, as the training step does, where the masks come from a mask process).
+    :param check_values: scan the values (reads a result back to the host: a GPU waits for it). The models
+        pass ``pyro.infer.util.is_validation_enabled()``, so the scan is argument validation there, as
+        Pyro's: on by default, off in the Trainer's training step, where the masks come from a mask process.
+    :raises ValueError: if the shape does not match ``x``, or (``check_values``) a value is not 0 or 1.
     """
-    return _validate_mask(mask, x, "validate_mask")
+    return _validate_mask(mask, x, "validate_mask", check_values)
 
 
-def _validate_mask(mask: torch.Tensor, x: torch.Tensor, who: str) -> torch.Tensor:
+def _validate_mask(mask: torch.Tensor, x: torch.Tensor, who: str, check_values: bool = True) -> torch.Tensor:
     _check_data(x, None, who)
-    # The value scan is argument validation, as Pyro's: on by default, off in the Trainer's training step
-    # (whose masks come from a mask process), where reading its result back would stall a GPU every step.
-    mask = _check_mask_values(mask, who, scan=is_validation_enabled())
+    mask = _check_mask_values(mask, who, scan=check_values)
     batch, dim = x.shape
     if mask.shape not in ((dim,), (batch, dim)):
         raise ValueError(

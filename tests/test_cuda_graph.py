@@ -18,7 +18,7 @@ from torch import nn
 
 import inference.cuda_graph as cuda_graph
 from experiments.benchmark_steps import MODELS, build_case
-from inference.cuda_graph import GraphedStep
+from inference.cuda_graph import GraphedStep, StepNotCapturable
 from inference.host_sync import host_syncs
 from inference.optim import ClippedAdam
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
@@ -31,12 +31,17 @@ class ReplayingGraphs:
     """Stand-in for torch.cuda's graphs: a capture records the function and runs nothing (as a capture runs
     no kernel), a replay runs it again."""
 
-    def __init__(self) -> None:
+    def __init__(self, device=None) -> None:
         self.captures = 0
 
-    @contextlib.contextmanager
+    def on_device(self):
+        return contextlib.nullcontext()
+
     def side_stream(self):
-        yield
+        return contextlib.nullcontext()
+
+    def sync_debug(self):
+        return contextlib.nullcontext()
 
     def capture(self, fn, pool=None):
         self.captures += 1
@@ -163,6 +168,7 @@ class Toy(nn.Module):
         self.dec = nn.Sequential(nn.Linear(Z, 8), nn.Tanh(), nn.Linear(8, D))
         self.calls = 0
         self.poison_at: int | None = None
+        self.prior_scale: float | None = None  # a number: copied from the host to the device every step
 
     def model(self, x):
         pyro.module("toy", self)
@@ -170,7 +176,8 @@ class Toy(nn.Module):
         if self.calls == self.poison_at:
             x = x * float("nan")
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z_0", dist.Normal(x.new_zeros(x.shape[0], Z), 1.0).to_event(1))
+            zeros = x.new_zeros(x.shape[0], Z)
+            z = pyro.sample("z_0", dist.Normal(zeros, self.prior_scale or torch.ones_like(zeros)).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=self.dec(z), validate_args=False).to_event(1), obs=x)
 
     def guide(self, x):
@@ -274,3 +281,43 @@ def test_cuda_graph_trainer_resumes_exactly(tmp_path):
     resumed = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["module"]
     for k, v in full.module.state_dict().items():
         assert torch.equal(v, resumed[k]), k
+
+
+def test_a_step_a_graph_cannot_hold_is_refused_by_name(tmp_path, replaying):
+    # A number as a distribution's parameter is copied from the host every step; Pyro's validation reads
+    # values back. The first warm-up step finds either before any capture.
+    trainer = _trainer(tmp_path / "number", True)
+    trainer.module.prior_scale = 1.0
+    with pytest.raises(StepNotCapturable, match=r"copies host data to the device.*tensor at"):
+        trainer.fit()
+    assert trainer.graphed_step.captured_shapes == []
+    case = build_case("vae", "quick", 4, torch.device("cpu"), 0)
+    m = case.module
+    step = GraphedStep(lambda x: PathwiseKL_ELBO().differentiable_loss(m.model, m.guide, x),
+                       list(m.parameters()), ClippedAdam(m.parameters(), capturable=True),
+                       _graphs=ReplayingGraphs())
+    with pyro.validation_enabled(True), pytest.raises(StepNotCapturable, match="__bool__"):
+        step.loss(*case.inputs)
+
+
+def test_update_needs_a_loss_first():
+    case = build_case("vae", "quick", 4, torch.device("cpu"), 0)
+    m = case.module
+    step = GraphedStep(lambda x: PathwiseKL_ELBO().differentiable_loss(m.model, m.guide, x),
+                       list(m.parameters()), ClippedAdam(m.parameters(), capturable=True),
+                       _graphs=ReplayingGraphs())
+    with pytest.raises(RuntimeError, match="needs a loss"):
+        step.update()
+    with pyro.validation_enabled(False):
+        step.loss(*case.inputs)
+    step.update()
+    with pytest.raises(RuntimeError, match="one update per loss"):
+        step.update()
+
+
+def test_no_gradient_is_left_behind_after_captured_training(tmp_path, replaying):
+    # The graphs own the gradients' memory; a fine-tuning after training must not clip or add into it.
+    trainer = _trainer(tmp_path, True, epochs=5)
+    trainer.fit()
+    assert trainer.graphed_step.captured_shapes
+    assert all(p.grad is None for p in trainer.module.parameters())

@@ -270,3 +270,22 @@ def test_make_mask_process_out_of_range():
         make_mask_process("mcar-150", SHAPE)
     with pytest.raises(ValueError, match=r"size must be an int in 1\.\.28.*40"):
         make_mask_process("mar-40", SHAPE)
+
+
+def test_the_value_scan_is_validation_in_the_models_and_always_in_validate_mask():
+    """validate_mask scans the values whatever Pyro's validation says (a user's mask, or python -O); the
+    imputers' model and guide scan them as argument validation, skipped in the Trainer's step (validation
+    off there) where reading the result back would stall a GPU."""
+    import pyro
+
+    from ppl_models import GPSI
+
+    x = torch.zeros(2, 4)
+    bad = torch.full((2, 4), 0.5)
+    with pyro.validation_enabled(False):
+        with pytest.raises(ValueError, match="must be 0 .missing. or 1 .known.; found 0.5"):
+            validate_mask(bad, x)
+        policy = GPSI(x_dim=4, z_dim=2, hidden=(3,), num_steps=1)
+        policy.guide(x, bad)  # no scan, no error
+    with pytest.raises(ValueError, match="found 0.5"):
+        policy.guide(x, bad)
