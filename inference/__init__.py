@@ -25,7 +25,7 @@ that read the device back to the host).
 
 from inference.calibration import Reliability, reliability
 from inference.collaborative import CollaborativeShaping, GuideFunction, generator_hinge, guide_function_loss
-from inference.cuda_graph import GraphedStep
+from inference.cuda_graph import GraphedStep, StepNotCapturable
 from inference.diagnostics import (
     bound_ladder,
     check_ladder,
@@ -83,6 +83,7 @@ from inference.walkback import OnlineWalkbackELBO, PStarMoments
 __all__ = [
     "ClippedAdam",
     "GraphedStep",
+    "StepNotCapturable",
     "host_syncs",
     "select_parzen_sigma",
     "reconstruction_mse",

@@ -21,7 +21,7 @@ def _loss_and_grads(case, fn, seed):
     loss = fn()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in case.module.named_parameters() if p.grad is not None}
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 @pytest.mark.parametrize("name", MODELS)
