@@ -53,6 +53,7 @@ import numpy as np
 import pyro
 import torch
 import torch.nn.functional as F
+from pyro.infer.util import is_validation_enabled
 from torch.distributions import kl_divergence
 
 from experiments.common import (
@@ -132,7 +133,7 @@ def handwritten_gpsi_loss(
         number, less work.
     :returns: a 0-dim tensor, −ELBO summed over the batch.
     """
-    mask_q = validate_mask(mask, x).to(x.dtype)
+    mask_q = validate_mask(mask, x, is_validation_enabled()).to(x.dtype)
     canvases, q_dists, zs = _roll_out_guide(gpsi, x, mask_q)
     kl = 0.0  # each term is the registered closed form PathwiseKL_ELBO uses (analytic_kl)
     if one_pass:
@@ -142,7 +143,7 @@ def handwritten_gpsi_loss(
         canvas, mask_p = canvases[-1], mask_q
     else:
         # As the model replayed on the guide's z: its own mask check, then p and ω step by step.
-        mask_p = validate_mask(mask, x).to(x.dtype)
+        mask_p = validate_mask(mask, x, is_validation_enabled()).to(x.dtype)
         known = mask_p * x
         canvas = gpsi.c0.expand(x.shape[0], -1)
         for q_t, z in zip(q_dists, zs, strict=True):

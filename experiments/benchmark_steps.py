@@ -64,6 +64,7 @@ from typing import Any
 import pyro
 import torch
 import torch.nn.functional as F
+from pyro.infer.util import is_validation_enabled
 from torch.distributions import kl_divergence
 
 from experiments.benchmark_diffusion import handwritten_simple_loss
@@ -105,8 +106,9 @@ VARIANTS = {
     "fused": "objective.differentiable_loss + backward + one ClippedAdam (inference.optim; foreach kernels "
              "off the CPU) over all parameters, validation off, the loss read back: the Trainer's step "
              "with --step fused",
-    "handwritten": "hand-written loss (same computation) + backward + torch Adam, eager",
-    "handwritten-compiled": "the hand-written loss through torch.compile + backward + torch Adam",
+    "handwritten": "hand-written loss (same computation) + backward + torch Adam, eager, validation off",
+    "handwritten-compiled": "the hand-written loss through torch.compile + backward + torch Adam, validation "
+                            "off",
     "svi-novalid-compiled-nets": "the training step with the model's networks compiled (the Trainer's "
                                  "compile=True, --compile): SVI.step, validation off",
     "cuda-graph": "the fused step captured in CUDA graphs and replayed (inference.cuda_graph; --step "
@@ -140,7 +142,8 @@ def handwritten_lstm_loss(policy: LSTMImputer, x: torch.Tensor, mask: torch.Tens
     """``PathwiseKL_ELBO``'s negative ELBO (Eq. 17) of the LSTM imputer, summed over the batch: q's roll-out
     (z_0..z_T reparameterised, in the guide's order), then p along the same draws, one analytic KL per step,
     −log p(x_u | c_T) on the missing pixels."""
-    mask_q = validate_mask(mask, x).to(x.dtype)  # the guide's check, as ImputationPolicy.guide does
+    # The guide's check, as ImputationPolicy.guide does (a value scan while validation is on)
+    mask_q = validate_mask(mask, x, is_validation_enabled()).to(x.dtype)
 
     def read(canvas: torch.Tensor, m: torch.Tensor, guide: bool) -> list[torch.Tensor]:
         guess = torch.sigmoid(canvas)
@@ -157,7 +160,7 @@ def handwritten_lstm_loss(policy: LSTMImputer, x: torch.Tensor, mask: torch.Tens
         zs.append(q_dists[-1].rsample())
         writer, canvas = writer_step(policy.writer, policy.write, zs[-1], writer, canvas, policy.update)
     # p along the same z: the model's own mask check, then its reader
-    mask_p = validate_mask(mask, x).to(x.dtype)
+    mask_p = validate_mask(mask, x, is_validation_enabled()).to(x.dtype)
     canvas = policy.c0.expand(x.shape[0], -1)
     p_t = diag_normal(policy.p_z0(cat_inputs(read(canvas, mask_p, False))))
     kl = kl_divergence(q_dists[0], p_t).sum()
@@ -186,7 +189,7 @@ def handwritten_draw_loss(draw: DRAWGenerator, x: torch.Tensor) -> torch.Tensor:
         zs.append(q_dists[-1].rsample())
         writer, canvas = writer_step(draw.writer, draw.write, zs[-1], writer, canvas, draw.update)
     # p along the same z: N(0, I) for z_0, then p(z_t | s_{t-1}) from the writer
-    prior0 = pyro.distributions.Normal(x.new_zeros(draw.z0_dim), 1.0).to_event(1)
+    prior0 = pyro.distributions.Normal(x.new_zeros(draw.z0_dim), x.new_ones(draw.z0_dim)).to_event(1)
     kl = kl_divergence(q_dists[0], prior0).sum()
     writer, _ = draw.initial(zs[0])
     canvas = draw.c0.expand(n, -1)
@@ -308,12 +311,17 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
         with pyro.validation_enabled(False):
             return pyro_loss()
 
+    def floor(loss_fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        # The floor checks nothing: its mask checks (as the model's) are validation, off as in the step.
+        with pyro.validation_enabled(False):
+            return loss_fn(m, *args)
+
     actions = {
         "svi": lambda: svi.step(*args),
         "svi-novalid": svi_step_novalid,
         "pyro-diff": lambda: step(pyro_loss, opts["pyro-diff"]),
         "pyro-diff-novalid": lambda: step(novalid, opts["pyro-diff-novalid"]),
-        "handwritten": lambda: step(lambda: case.handwritten(m, *args), opts["handwritten"]),
+        "handwritten": lambda: step(lambda: floor(case.handwritten), opts["handwritten"]),
         "fused": fused_step,
     }
     if case.inputs[0].is_cuda:
@@ -328,7 +336,7 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
         actions["cuda-graph"] = graph_step
     if compiled is not None:
         opt = opts["handwritten-compiled"]
-        actions["handwritten-compiled"] = lambda: step(lambda: compiled(m, *args), opt)
+        actions["handwritten-compiled"] = lambda: step(lambda: floor(compiled), opt)
         actions["svi-novalid-compiled-nets"] = svi_step_compiled_nets
     return actions
 
@@ -361,7 +369,8 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
     if compile_loss:
         torch._dynamo.reset()
         compiled = torch.compile(case.handwritten)
-        compile_s = _seconds(lambda: compiled(case.module, *case.inputs).backward(), device)
+        with pyro.validation_enabled(False):  # as the timed calls run it (no recompilation for the switch)
+            compile_s = _seconds(lambda: compiled(case.module, *case.inputs).backward(), device)
         for p in case.module.parameters():
             p.grad = None
     actions = make_actions(case, compiled)

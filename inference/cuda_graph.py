@@ -92,6 +92,7 @@ class GraphedStep:
         self._captured: dict[tuple, _Captured] = {}
         self._seen: dict[tuple, int] = {}
         self._pending: _Captured | str | None = None  # next update: a captured step's, "eager", or none
+        self._update_checked = False
 
     @property
     def captured_shapes(self) -> list[tuple]:
@@ -100,23 +101,34 @@ class GraphedStep:
 
     def loss(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Forward and backward of the step on ``inputs``; returns the loss (detached, on the device). The
-        gradients are in the graph's memory (or, while warming up, in ``.grad``) until :meth:`update`."""
+        gradients are in the graph's memory (or, while warming up, in ``.grad``) until :meth:`update`. A
+        captured shape returns the same tensor every step, overwritten by each replay: read it before the
+        next call."""
         key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+        try:
+            with self._cuda.on_device():
+                return self._loss(key, inputs)
+        except BaseException:
+            # A refused or failed step leaves nothing to update, and no gradient of a step that did not run.
+            self._pending = None
+            self._clear_grads()
+            raise
+
+    def _loss(self, key: tuple, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         captured = self._captured.get(key)
-        with self._cuda.on_device():
-            if captured is None:
-                self._seen[key] = self._seen.get(key, 0) + 1
-                if self._seen[key] <= self.warmup:
-                    self._pending = "eager"
-                    with self._cuda.side_stream(), self._checked(self._seen[key] == 1, "loss and backward"):
-                        self._clear_grads()
-                        loss = self.loss_fn(*inputs)
-                        loss.backward()
-                        return loss.detach()
-                captured = self._captured[key] = self._capture(inputs)
-            for static, value in zip(captured.inputs, inputs, strict=True):
-                static.copy_(value)
-            captured.forward.replay()
+        if captured is None:
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] <= self.warmup:
+                with self._cuda.side_stream(), self._checked(self._seen[key] == 1, "loss and backward"):
+                    self._clear_grads()
+                    loss = self.loss_fn(*inputs)
+                    loss.backward()
+                self._pending = "eager"
+                return loss.detach()
+            captured = self._captured[key] = self._capture(inputs)
+        for static, value in zip(captured.inputs, inputs, strict=True):
+            static.copy_(value)
+        captured.forward.replay()
         self._pending = captured
         return captured.out["loss"]
 
@@ -125,15 +137,18 @@ class GraphedStep:
         pending, self._pending = self._pending, None
         if pending is None:
             raise RuntimeError("GraphedStep.update() needs a loss() first (one update per loss)")
-        with self._cuda.on_device():
-            if pending != "eager":
-                pending.update.replay()
-                self._clear_grads()  # after a step no .grad is left, captured or eager (see _capture)
-                return
-            first = not self.optimizer.state
-            with self._cuda.side_stream(), self._checked(first, "clipping and the optimiser's step"):
-                self._clip_and_step()
-                self._clear_grads()
+        try:
+            with self._cuda.on_device():
+                if pending != "eager":
+                    pending.update.replay()
+                    return
+                # The first eager update is checked as the first loss of each shape is: clipping and the
+                # optimiser's step are captured too.
+                check, self._update_checked = not self._update_checked, True
+                with self._cuda.side_stream(), self._checked(check, "clipping and the optimiser's step"):
+                    self._clip_and_step()
+        finally:
+            self._clear_grads()  # after a step no .grad is left, captured or eager (see _capture)
 
     # ------------------------------------------------------------------ capture
 
@@ -157,6 +172,9 @@ class GraphedStep:
             raise StepNotCapturable(f"{len(new)} parameter(s) first get a gradient at capture (shape "
                                     f"{[tuple(t.shape) for t in inputs]}), after the warm-up steps; the "
                                     "optimiser has no state for them")
+        # The update reads the gradients the forward graph wrote: one memory pool for the pair, and only for
+        # the pair. Never share it with another shape's graphs: the gradients' memory, let go of below, could
+        # then be handed to another capture.
         update_graph = self._cuda.capture(self._clip_and_step, pool=forward_graph)
         # The graphs own the gradients' memory now; Python lets go of it, so that nothing outside the graphs
         # (a fine-tuning after training, a later backward) reads or adds into it.
@@ -183,16 +201,21 @@ class GraphedStep:
             try:
                 yield
             except RuntimeError as e:
-                if "synchroniz" not in str(e):  # not torch.cuda's sync debug mode
+                if _SYNC_ERROR not in str(e):  # not torch.cuda's sync debug mode
                     raise
+                seen = "; ".join(str(f) for f in recorder.found[-3:]) or "none seen from Python"
                 raise StepNotCapturable(f"the step's {what} synchronises with the host, which a CUDA graph "
-                                        f"cannot hold: {e}") from e
+                                        f"cannot hold ({e}; the last calls that read back: {seen})") from e
         if recorder.found:
             calls = "; ".join(str(f) for f in recorder.found[:8])
             raise StepNotCapturable(
                 f"the step's {what} reads values back to the host or copies host data to the device, which "
                 f"a CUDA graph cannot hold ({len(recorder.found)} call(s): {calls}). Turn off Pyro's "
                 "validation in the step, or use --step fused (not captured)")
+
+
+#: What torch.cuda's sync debug mode "error" raises with.
+_SYNC_ERROR = "called a synchronizing CUDA operation"
 
 
 class _CudaGraphs:
@@ -202,6 +225,7 @@ class _CudaGraphs:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._stream: torch.cuda.Stream | None = None
+        self._capture_stream: torch.cuda.Stream | None = None
 
     def on_device(self) -> contextlib.AbstractContextManager:
         # Streams and graphs belong to the current device: make it the parameters' (cuda:N).
@@ -213,9 +237,11 @@ class _CudaGraphs:
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
-            yield
-        torch.cuda.current_stream().wait_stream(self._stream)
+        try:
+            with torch.cuda.stream(self._stream):
+                yield
+        finally:
+            torch.cuda.current_stream().wait_stream(self._stream)
 
     @contextlib.contextmanager
     def sync_debug(self) -> Iterator[None]:
@@ -227,7 +253,11 @@ class _CudaGraphs:
             torch.cuda.set_sync_debug_mode(before)
 
     def capture(self, fn: Callable[[], None], pool: Any = None) -> Any:
+        # A capture stream of this device (torch's default one is made on whichever device was current at
+        # the process's first capture).
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=None if pool is None else pool.pool()):
+        with torch.cuda.graph(graph, pool=None if pool is None else pool.pool(), stream=self._capture_stream):
             fn()
         return graph

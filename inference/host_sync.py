@@ -69,6 +69,9 @@ def _reads_back(func: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
     copies between the host and a device."""
     if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1:
         index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if func is torch.Tensor.__setitem__ and (len(args) < 3 or not isinstance(args[2], torch.Tensor)
+                                                 or args[2].numel() == 1):
+            return False  # x[mask] = value with one value: a masked_fill, no count needed
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
     if func is torch.nn.functional.one_hot:
         return (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) == -1

@@ -148,7 +148,11 @@ class ClippedAdam(torch.optim.Optimizer):
         torch._foreach_add_(correction1, 1)
         torch._foreach_mul_(rate, correction2)
         torch._foreach_div_(rate, correction1)
-        # θ + m / (denom / rate): the rate folded into the denominator, one pass fewer (as torch's Adam).
+        # θ + m / (denom / rate): the rate folded into the denominator, one pass fewer (as torch's Adam). The
+        # rates in the parameters' dtype first (two kernels), as the division would take them anyway: a
+        # foreach over lists of two dtypes falls back to a kernel per parameter.
+        if rate[0].dtype != params[0].dtype:
+            rate = list(torch.stack(rate).to(params[0].dtype).unbind(0))
         torch._foreach_div_(denom, rate)
         torch._foreach_addcdiv_(params, exp_avgs, denom)
 

@@ -399,6 +399,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             if "capturable" in group:
                 group["capturable"] = True
+                for p in group["params"]:  # a checkpoint saved without capture keeps them on the host
+                    step = self.optimizer.state.get(p, {}).get("step")
+                    if isinstance(step, torch.Tensor) and step.device != p.device:
+                        self.optimizer.state[p]["step"] = step.to(p.device)
 
     def _build_optimizer(self, optimizer: PyroOptim | OptimizerFactory):
         """(mode, PyroOptim or None, torch optimiser or None) from the ``optimizer`` argument."""

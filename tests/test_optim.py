@@ -105,3 +105,22 @@ def test_bad_settings_are_named(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=f"invalid {key}"):
         ClippedAdam(_params(0), **bad)
+
+
+def test_float32_parameters_follow_pyros_to_round_off():
+    # The capturable form keeps its step counters in float64 and divides float32 tensors by the rates cast
+    # to float32; Pyro computes the rate in Python floats. After 50 decaying steps they agree to round-off.
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(50, 30, generator=g)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = ClippedAdam(ours, lr=1e-2, lrd=0.99, clip_norm=1e12, capturable=True)
+    per_param = [PyroClippedAdam([p], lr=1e-2, lrd=0.99, clip_norm=1e12) for p in theirs]
+    for _ in range(50):
+        for a, b in zip(ours, theirs, strict=True):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt.step()
+        for o in per_param:
+            o.step()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=2e-6)
