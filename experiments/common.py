@@ -294,15 +294,16 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
     from inference.train import NonFiniteLossError
 
     out = None
-    step_before = os.environ.get("SEQGEN_STEP")
+    step = getattr(args, "step", "svi")
+    # Read by train_best and every Trainer of this run, in this process and in its --jobs cells.
+    environment = {"SEQGEN_STEP": step,
+                   "SEQGEN_VALIDATE": "1" if getattr(args, "validate", False) else None,
+                   "SEQGEN_COMPILE": "1" if getattr(args, "compile", False) else None}
+    before = {name: os.environ.get(name) for name in environment}
+    os.environ.update({name: value for name, value in environment.items() if value is not None})
     try:
-        step = getattr(args, "step", "svi")
-        os.environ["SEQGEN_STEP"] = step  # read by train_best in this process and in --jobs cells
         config["train_step"] = step  # part of what ran, and of what a resume must match
-        if getattr(args, "validate", False):
-            os.environ["SEQGEN_VALIDATE"] = "1"  # read by every Trainer of this run (and its --jobs cells)
         if getattr(args, "compile", False):
-            os.environ["SEQGEN_COMPILE"] = "1"  # the same
             config["compiled_networks"] = True  # part of what ran (the report states it); see _DESCRIPTIVE
         # Under torchrun: join the process group (this process's GPU is cuda:LOCAL_RANK).
         device = distributed.init_from_env(str(resolve_device(args.device)))
@@ -336,10 +337,11 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
         distributed.shutdown(wait=False)
         raise
     finally:
-        if step_before is None:
-            os.environ.pop("SEQGEN_STEP", None)
-        else:
-            os.environ["SEQGEN_STEP"] = step_before
+        for name, value in before.items():  # the run's settings end with it
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     distributed.shutdown()
     return 0
 

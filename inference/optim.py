@@ -163,7 +163,6 @@ class ClippedAdam(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group, setting in zip(self.param_groups, capturable, strict=True):
             group["capturable"] = setting
-        for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and "step" in state:

@@ -211,7 +211,7 @@ def test_table_jobs_run_cells_concurrently_with_the_serial_numbers(tmp_path):
 def test_compile_flag_compiles_the_networks_and_is_recorded(tmp_path, monkeypatch):
     """``--compile`` trains with the networks compiled (Dynamo traced new graphs), records it in config.json,
     and a resume without it is allowed (the same numbers to round-off). SEQGEN_COMPILE, which the flag sets
-    for the whole process, is restored by monkeypatch."""
+    for the run, is the caller's again after it."""
     from torch._dynamo.utils import counters
 
     out = tmp_path / "vae"
@@ -220,6 +220,7 @@ def test_compile_flag_compiles_the_networks_and_is_recorded(tmp_path, monkeypatc
     monkeypatch.setenv("SEQGEN_COMPILE", "0")
     graphs = counters["stats"]["unique_graphs"]
     assert vae_experiment.main([*args, "--compile"]) == 0
+    assert os.environ["SEQGEN_COMPILE"] == "0"  # the flag's setting ends with the run
     assert counters["stats"]["unique_graphs"] > graphs
     assert json.loads((out / "config.json").read_text())["compiled_networks"] is True
     monkeypatch.setenv("SEQGEN_COMPILE", "0")
