@@ -48,12 +48,17 @@ step. Speed is a ratio measured in one run; absolute times only count from a GPU
     python -m experiments.benchmark_steps --device cpu --batch-size 16 --out results/benchmark-steps-cpu
     python -m experiments.benchmark_steps --device cuda --batch-size 200 --out results/benchmark-steps-gpu
 
-Outputs in ``--out``: benchmark.json (every time in ms, sizes, the environment) and benchmark.md.
+Outputs in ``--out``: benchmark.json (every time in ms, sizes, the environment) and benchmark.md, written
+after each model: a run stopped by a time limit keeps the models it finished, marked incomplete, and
+``--resume`` times the rest with the same options (for a GPU lent for a few minutes per call). A
+``cuda-graph`` variant that fails its warm-up or capture is left out of its model's row with the error
+recorded. ``--variants`` picks the variants to time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -115,6 +120,8 @@ VARIANTS = {
                   "cuda-graph); CUDA only",
 }
 BASELINE = "handwritten"
+#: The variants that compile (``--no-compile`` leaves them out).
+COMPILED_VARIANTS = ("handwritten-compiled", "svi-novalid-compiled-nets")
 #: Calls of the cuda-graph variant before its timed ones: GraphedStep's eager warm-up steps and the capture.
 GRAPH_FIRST_CALLS = 4
 
@@ -361,25 +368,34 @@ def _seconds(call: Callable[[], Any], device: torch.device) -> float:
 
 
 def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, seed: int, repeats: int,
-                warmup: int, compile_loss: bool) -> dict[str, Any]:
-    """Time every variant of one model; returns its sizes, times, medians, ratios and compile time."""
+                warmup: int, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, Any]:
+    """Time the ``variants`` of one model (those that run on ``device``); returns its sizes, times, medians,
+    ratios and compile times. A ``cuda-graph`` variant that fails its warm-up or capture is dropped and its
+    error recorded (``cuda_graph_error``), so the other variants' times still come back."""
     case = build_case(name, sizes, batch_size, device, seed)
     check = loss_check(case, seed)
     compiled, compile_s = None, None
-    if compile_loss:
+    if "handwritten-compiled" in variants or "svi-novalid-compiled-nets" in variants:
         torch._dynamo.reset()
         compiled = torch.compile(case.handwritten)
         with pyro.validation_enabled(False):  # as the timed calls run it (no recompilation for the switch)
             compile_s = _seconds(lambda: compiled(case.module, *case.inputs).backward(), device)
         for p in case.module.parameters():
             p.grad = None
-    actions = make_actions(case, compiled)
+    actions = {k: a for k, a in make_actions(case, compiled).items() if k in variants}
     params = list(case.module.parameters())
-    nets_s = graph_s = None
-    if compiled is not None:  # the networks' first compiled call, apart from the timed ones
+    nets_s = graph_s = graph_error = None
+    if "svi-novalid-compiled-nets" in actions:  # the networks' first compiled call, apart from the timed ones
         nets_s = _seconds(actions["svi-novalid-compiled-nets"], device)
     if "cuda-graph" in actions:  # its eager warm-up steps and the capture, apart from the timed replays
-        graph_s = _seconds(lambda: [actions["cuda-graph"]() for _ in range(GRAPH_FIRST_CALLS)], device)
+        try:
+            graph_s = _seconds(lambda: [actions["cuda-graph"]() for _ in range(GRAPH_FIRST_CALLS)], device)
+        except Exception as e:  # noqa: BLE001 - recorded in the report; the other variants still run
+            graph_error = f"{type(e).__name__}: {e}"
+            print(f"{name}: the cuda-graph variant failed and is left out: {graph_error}", file=sys.stderr)
+            del actions["cuda-graph"]
+            for p in params:
+                p.grad = None
     times = time_interleaved(actions, params, device, repeats, warmup)
     stats = {k: summarise(v) for k, v in times.items()}
     base = stats[BASELINE]["median_ms"]
@@ -388,42 +404,89 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
         "objective": type(case.objective).__name__,
         "parameters": sum(p.numel() for p in params),
         "loss_check": check, "compile_seconds": compile_s, "compile_nets_seconds": nets_s,
-        "cuda_graph_first_calls_seconds": graph_s,
+        "cuda_graph_first_calls_seconds": graph_s, "cuda_graph_error": graph_error,
+        "environment": environment(device),
         "variants": stats,
         "ratios_to_handwritten": {k: s["median_ms"] / base for k, s in stats.items()},
         "times_ms": times,
     }
 
 
+#: Settings a resumed benchmark must share with the run it continues.
+RESUME_KEYS = ("sizes_preset", "batch_size", "seed", "repeats", "warmup", "variants_requested", "device_type")
+
+
 def run(models: tuple[str, ...], sizes: str, batch_size: int, device: str, repeats: int, warmup: int,
-        seed: int, compile_loss: bool, out: Path, command: str | None = None,
-        progress: bool = True) -> dict[str, Any]:
-    """Benchmark every model in turn, write benchmark.json and benchmark.md."""
+        seed: int, out: Path, variants: tuple[str, ...] = tuple(VARIANTS), command: str | None = None,
+        progress: bool = True, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Benchmark every model in turn and write benchmark.json and benchmark.md after each, so a run stopped
+    by a time limit keeps the models it finished (``"complete": false`` until the last). ``resume``
+    continues such a run in ``out``: the models already timed are kept, the others are timed with the same
+    settings (the machine may differ: each model's row names its own ``environment``). Without ``resume``
+    or ``force`` an existing benchmark in ``out`` is not overwritten."""
     from tqdm.auto import tqdm
 
     dev = torch.device(device)
+    settings = {"sizes_preset": sizes, "batch_size": batch_size, "seed": seed, "repeats": repeats,
+                "warmup": warmup, "variants_requested": list(variants), "device_type": dev.type}
     load_before = _load_average()
+    earlier, wall_before = _earlier_rows(out, settings, resume, force)
+    rows = [r for r in earlier if r["model"] in models]
+    done = {r["model"] for r in rows}
     t0 = time.time()
-    rows = [bench_model(m, sizes, batch_size, dev, seed, repeats, warmup, compile_loss)
-            for m in tqdm(models, desc="models", disable=not progress)]
-    result = {
+    result: dict[str, Any] = {}
+    for m in tqdm([m for m in models if m not in done], desc="models", disable=not progress):
+        rows.append(bench_model(m, sizes, batch_size, dev, seed, repeats, warmup, variants))
+        rows.sort(key=lambda r: models.index(r["model"]))
+        result = _result(rows, models, settings, load_before, wall_before + time.time() - t0)
+        out.mkdir(parents=True, exist_ok=True)
+        write_report(out, "benchmark", result, render_markdown(result), command=command)
+    if not result:  # nothing left to time: the page is rewritten as it was, for the models asked for
+        result = _result(rows, models, settings, load_before, wall_before)
+        out.mkdir(parents=True, exist_ok=True)
+        write_report(out, "benchmark", result, render_markdown(result), command=command)
+    return result
+
+
+def _result(rows: list[dict[str, Any]], models: tuple[str, ...], settings: dict[str, Any],
+            load_before: float | None, wall: float) -> dict[str, Any]:
+    done = {r["model"] for r in rows}
+    return {
         "protocol": PROTOCOL,
-        "protocol_details": (f"per model: {warmup} warm-up rounds, then {repeats} rounds, every variant once "
-                             "per round in an order rotated by one each round; gradients set to None before "
-                             "each call (not timed); wall-clock ms (time.perf_counter), the device "
-                             "synchronised before each reading"),
-        "data": (f"random {SHAPE[0]}x{SHAPE[1]} images, batch {batch_size}: binary (pixels on with "
-                 f"probability 0.3) for the Bernoulli models with {MASK} masks for the imputers, grey "
-                 f"levels k/255 for diffusion; seed {seed}"),
-        "sizes_preset": sizes, "lr": LR, "seed": seed, "repeats": repeats, "warmup": warmup,
-        "environment": environment(dev),
+        "protocol_details": (f"per model: {settings['warmup']} warm-up rounds, then {settings['repeats']} "
+                             "rounds, every variant once per round in an order rotated by one each round; "
+                             "gradients set to None before each call (not timed); wall-clock ms "
+                             "(time.perf_counter), the device synchronised before each reading"),
+        "data": (f"random {SHAPE[0]}x{SHAPE[1]} images, batch {settings['batch_size']}: binary (pixels on "
+                 f"with probability 0.3) for the Bernoulli models with {MASK} masks for the imputers, grey "
+                 f"levels k/255 for diffusion; seed {settings['seed']}"),
+        "lr": LR, **settings,
+        "complete": all(m in done for m in models),
+        "models_pending": [m for m in models if m not in done],
+        "environment": rows[0]["environment"] if rows else environment(torch.device(settings["device_type"])),
         "load_average": {"before": load_before, "after": _load_average()},
-        "wall_seconds": time.time() - t0,
+        "wall_seconds": wall,
         "models": rows,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_report(out, "benchmark", result, render_markdown(result), command=command)
-    return result
+
+
+def _earlier_rows(out: Path, settings: dict[str, Any], resume: bool,
+                  force: bool) -> tuple[list[dict[str, Any]], float]:
+    """The finished rows and wall seconds of the benchmark in ``out`` that ``resume`` continues (none where
+    there is no benchmark, or ``force`` without ``resume``)."""
+    path = out / "benchmark.json"
+    if not path.exists() or (force and not resume):
+        return [], 0.0
+    if not resume:
+        raise FileExistsError(f"{path} exists: --resume continues it (the models not yet timed), --force "
+                              "overwrites it, or choose another --out")
+    earlier = json.loads(path.read_text())
+    differ = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != v}
+    if differ:
+        raise ValueError(f"--resume: {path} was run with other settings "
+                         + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items())
+                         + "; give the same options, or another --out")
+    return earlier["models"], float(earlier.get("wall_seconds", 0.0))
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -445,9 +508,16 @@ def render_markdown(r: dict[str, Any]) -> str:
         cells.append(f"{m['loss_check']['rel_diff']:.1e}")
         rows.append(cells)
     sizes = "; ".join(f"{m['model']}: {m['sizes']}" for m in r["models"])
+    status = []
+    if not r.get("complete", True):
+        status = [f"**Incomplete**: not yet timed: {', '.join(r['models_pending'])} (`--resume` times them).",
+                  ""]
+    failed = [f"- {m['model']}: the `cuda-graph` variant failed and is left out of its row: "
+              f"`{m['cuda_graph_error']}`" for m in r["models"] if m.get("cuda_graph_error")]
     return "\n".join([
         f"# Training step: project objective vs hand-written PyTorch (sizes of preset `{r['sizes_preset']}`)",
         "",
+        *status,
         f"Protocol: {r['protocol']}. {r['protocol_details']}.",
         "",
         f"Data: {r['data']}. Adam, lr {r['lr']}. Sizes: {sizes}.",
@@ -464,11 +534,26 @@ def render_markdown(r: dict[str, Any]) -> str:
         markdown_table(["model", *[f"{k}" for k in names], "compile s", "compile nets s",
                         *(["graph s"] if graphs else []), "check"], rows),
         "",
+        *([*failed, ""] if failed else []),
         "Variants: " + "; ".join(f"`{k}`: {VARIANTS[k]}" for k in names) + ".",
         "",
         environment_sentence(r),
+        *_machines_sentence(r),
         "",
     ])
+
+
+def _machines_sentence(r: dict[str, Any]) -> list[str]:
+    """Where a resumed benchmark's rows were timed on different machines, which row ran where (ratios are
+    within a row, so they stay comparable; absolute times across such rows are not)."""
+    def machine(e: dict[str, Any]) -> str:
+        return f"{e.get('gpu', e['device'])} ({e['cpu']}, {e['cpu_count']} CPUs, torch {e['torch']})"
+    where = {m["model"]: machine(m["environment"]) for m in r["models"] if "environment" in m}
+    if len(set(where.values())) <= 1:
+        return []
+    return ["", "Rows timed on different machines (the benchmark was resumed): "
+            + "; ".join(f"{k}: {v}" for k, v in where.items())
+            + ". Compare absolute times only within a row."]
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -494,10 +579,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of the data, masks and weights, >= 0 (default 0)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch intra-op threads, >= 1 (default: torch's, which follows OMP_NUM_THREADS)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variants to time (default all that run on the device: "
+                        f"{','.join(VARIANTS)}); must include the baseline {BASELINE!r}")
     parser.add_argument("--no-compile", action="store_true",
-                        help="skip the torch.compile variant (it needs a C++ compiler on the CPU)")
+                        help="skip the two torch.compile variants (they need a C++ compiler on the CPU, and "
+                        "compiling takes minutes at the papers' sizes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}/<sizes>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the benchmark in --out: keep the models it timed, time the others "
+                        "with the same options (the report is written after each model, so a run stopped "
+                        "by a time limit keeps what it finished)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing benchmark in --out")
     return parser
 
 
@@ -508,12 +602,23 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         parser.error(f"--models: unknown {unknown or 'empty list'}; choose from {','.join(MODELS)}")
+    variants = tuple(VARIANTS) if args.variants is None else tuple(
+        v.strip() for v in args.variants.split(",") if v.strip())
+    wrong = [v for v in variants if v not in VARIANTS]
+    if wrong or BASELINE not in variants:
+        problem = f"unknown {wrong}" if wrong else f"the baseline {BASELINE!r} is missing"
+        parser.error(f"--variants: {problem}; choose from {','.join(VARIANTS)}, {BASELINE!r} included")
+    if args.no_compile:
+        variants = tuple(v for v in variants if v not in COMPILED_VARIANTS)
     device = device_and_threads(parser, args)
     out = Path(args.out or f"{DEFAULT_OUT}/{args.sizes}")
-    run(models, args.sizes, args.batch_size, device, args.repeats, args.warmup, args.seed,
-        not args.no_compile, out, progress=not args.no_progress,
-        command=reproduce_command("experiments.benchmark_steps", sys.argv[1:] if argv is None else argv, out,
-                                  device))
+    try:
+        run(models, args.sizes, args.batch_size, device, args.repeats, args.warmup, args.seed, out,
+            variants, progress=not args.no_progress, resume=args.resume, force=args.force,
+            command=reproduce_command("experiments.benchmark_steps", sys.argv[1:] if argv is None else argv,
+                                      out, device))
+    except (FileExistsError, ValueError) as e:
+        parser.error(str(e))
     print((out / "benchmark.md").read_text())
     print(f"results: {out / 'benchmark.json'}", file=sys.stderr)
     return 0

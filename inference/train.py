@@ -369,6 +369,7 @@ class Trainer:
         self._epoch_state: dict[str, Any] | None = None  # set when resuming inside an epoch
         self._has_checkpoint = False  # a checkpoint of *this* run exists on disk
         self._params_checked = False
+        self._clip_params: list[torch.nn.Parameter] | None = None  # see _clip_order
         self._fitted = False
 
     def _graphed_step(self) -> _cuda_graph.GraphedStep:
@@ -679,10 +680,20 @@ class Trainer:
             return elbo_value, terms
         assert self.optimizer is not None
         if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(self.module.parameters()), self.clip_norm)
+            torch.nn.utils.clip_grad_norm_(self._clip_order(), self.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return elbo_value, terms
+
+    def _clip_order(self) -> list[torch.nn.Parameter]:
+        """The module's parameters in the order SVI mode clips them (by Pyro param-store name, as
+        :meth:`_clip_and_step`), so that both modes sum the gradient norm in one order and, with
+        :class:`inference.optim.ClippedAdam`, take bit-identical steps on the CPU."""
+        if self._clip_params is None:
+            store = pyro.get_param_store()
+            named = [(store.param_name(p) or name, p) for name, p in self.module.named_parameters()]
+            self._clip_params = [p for _, p in sorted(named, key=lambda item: item[0])]
+        return self._clip_params
 
     def _graph_step(self, args: tuple, epoch: int) -> tuple[float, dict[str, float]]:
         """A step of the captured graphs: loss and gradients, the loss read back and checked, the update."""

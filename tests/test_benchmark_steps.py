@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from experiments.benchmark_steps import MODELS, VARIANTS, build_case, main
+from inference.cuda_graph import StepNotCapturable
 
 CPU = torch.device("cpu")
 
@@ -84,3 +85,75 @@ def test_cli_writes_a_report_and_rejects_unknown_models(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--models", "vae,nope", "--out", str(tmp_path / "x")])
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+_FAST = ["--sizes", "quick", "--batch-size", "4", "--repeats", "2", "--warmup", "0", "--no-compile",
+         "--no-progress"]
+
+
+def test_a_stopped_benchmark_keeps_its_timed_models_and_resume_times_the_rest(tmp_path, monkeypatch, capsys):
+    import experiments.benchmark_steps as bs
+
+    out = tmp_path / "bench"
+    real = bs.bench_model
+
+    def stopped_at_diffusion(name, *args, **kwargs):
+        if name == "diffusion-gaussian":
+            raise KeyboardInterrupt  # a time limit's kill, as far as the report is concerned
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(bs, "bench_model", stopped_at_diffusion)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--models", "vae,diffusion-gaussian", *_FAST, "--out", str(out)])
+    partial = json.loads((out / "benchmark.json").read_text())
+    assert [m["model"] for m in partial["models"]] == ["vae"]
+    assert partial["complete"] is False and partial["models_pending"] == ["diffusion-gaussian"]
+    assert "Incomplete" in (out / "benchmark.md").read_text()
+
+    monkeypatch.setattr(bs, "bench_model", real)
+    # An existing benchmark is not overwritten, and a resume must keep the settings it ran with.
+    with pytest.raises(SystemExit):
+        main(["--models", "vae,diffusion-gaussian", *_FAST, "--out", str(out)])
+    assert "--resume continues it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--models", "vae,diffusion-gaussian", *_FAST, "--repeats", "3", "--out", str(out), "--resume"])
+    assert "repeats=2 (now 3)" in capsys.readouterr().err
+
+    assert main(["--models", "vae,diffusion-gaussian", *_FAST, "--out", str(out), "--resume"]) == 0
+    full = json.loads((out / "benchmark.json").read_text())
+    assert full["complete"] is True and full["models_pending"] == []
+    assert [m["model"] for m in full["models"]] == ["vae", "diffusion-gaussian"]
+    assert full["models"][0] == partial["models"][0]  # the timed model is kept as it was, not re-timed
+    assert full["wall_seconds"] > partial["wall_seconds"]
+    assert "Incomplete" not in (out / "benchmark.md").read_text()
+
+
+def test_a_failing_cuda_graph_variant_is_recorded_and_the_rest_still_timed(tmp_path, monkeypatch):
+    import experiments.benchmark_steps as bs
+
+    real = bs.make_actions
+
+    def with_a_failing_capture(case, compiled):
+        actions = real(case, compiled)
+
+        def capture():
+            raise StepNotCapturable("reads back: Tensor.item")
+        actions["cuda-graph"] = capture  # as on a GPU, where this variant exists
+        return actions
+    monkeypatch.setattr(bs, "make_actions", with_a_failing_capture)
+    out = tmp_path / "bench"
+    assert main(["--models", "vae", *_FAST, "--out", str(out)]) == 0
+    row = json.loads((out / "benchmark.json").read_text())["models"][0]
+    assert row["cuda_graph_error"] == "StepNotCapturable: reads back: Tensor.item"
+    assert "cuda-graph" not in row["variants"] and "fused" in row["variants"]
+    assert "reads back: Tensor.item" in (out / "benchmark.md").read_text()
+
+
+def test_variants_are_chosen_and_must_include_the_baseline(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["--models", "vae", *_FAST, "--variants", "handwritten,fused", "--out", str(out)]) == 0
+    row = json.loads((out / "benchmark.json").read_text())["models"][0]
+    assert set(row["variants"]) == {"handwritten", "fused"}
+    for bad, said in (("fused", "the baseline 'handwritten' is missing"), ("handwritten,svi-x", "unknown")):
+        with pytest.raises(SystemExit):
+            main(["--models", "vae", *_FAST, "--variants", bad, "--out", str(tmp_path / "x")])
+        assert said in capsys.readouterr().err

@@ -124,3 +124,41 @@ def test_float32_parameters_follow_pyros_to_round_off():
             o.step()
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=2e-6)
+
+
+def test_the_trainers_fused_step_is_bit_identical_to_its_svi_step(tmp_path, monkeypatch):
+    """``--step fused`` and ``--step svi`` through the experiments' ``train_best``, in float32, with the
+    global-norm clip active on every step: the same weights bit for bit (the Trainer's two modes sum the
+    gradient norm in one parameter order)."""
+    import pyro
+
+    from experiments.benchmark_steps import build_case
+    from experiments.common import train_best
+
+    monkeypatch.setenv("SEQGEN_VALIDATE", "0")
+    data = torch.rand(64, 28 * 28, generator=torch.Generator().manual_seed(1))
+    config = {"seed": 0, "eval": {"batch_size": 32},
+              "train": {"epochs": 2, "batch_size": 16, "lr": 1e-2, "lr_final": 1e-3, "clip_norm": 1.0}}
+
+    def train(step: str) -> tuple[list[torch.Tensor], list[float]]:
+        monkeypatch.setenv("SEQGEN_STEP", step)
+        case = build_case("gpsi-add", "quick", 16, torch.device("cpu"), seed=0)
+        mask = case.inputs[1][:1]
+        pyro.clear_param_store()
+
+        def transform(batch, generator):
+            return torch.bernoulli(batch, generator=generator), mask.expand(batch.shape[0], -1)
+
+        def valid_nll(x, m):
+            return case.objective.loss(case.module.model, case.module.guide, x, m) * torch.ones(())
+
+        r = train_best(case.module, case.objective, valid_nll, config, data, transform,
+                       (data[:32].round(), mask.expand(32, -1)), tmp_path / step, "cpu", False, False,
+                       use_best=False)
+        return [p.detach().clone() for p in case.module.parameters()], [m["train_loss"] for m in r["metrics"]]
+
+    svi_weights, svi_losses = train("svi")
+    fused_weights, fused_losses = train("fused")
+    assert svi_losses == fused_losses
+    for a, b in zip(svi_weights, fused_weights, strict=True):
+        assert torch.equal(a, b)
