@@ -5,7 +5,8 @@ Models (the project's registered pairs, sized by a preset of their experiment, `
 
 - ``gpsi-add``: GPSI (Bachman & Precup 2015, "Data generation as sequential decision making", Sec. 3.1),
   :class:`inference.pathwise_kl_elbo.PathwiseKL_ELBO` (Eq. 17), masks ``mcar-80``; hand-written loss
-  :func:`experiments.benchmark_gpsi.handwritten_gpsi_loss`;
+  :func:`handwritten_gpsi_one_pass` (:func:`experiments.benchmark_gpsi.handwritten_gpsi_loss` with ω once
+  per step);
 - ``lstm-add``: the LSTM imputer (same paper, Sec. 3.2), ``PathwiseKL_ELBO``; :func:`handwritten_lstm_loss`;
 - ``draw-extended-add``: the extended DRAW-style generator (same paper, Sec. 2.5), ``PathwiseKL_ELBO``;
   :func:`handwritten_draw_loss`;
@@ -16,7 +17,8 @@ Models (the project's registered pairs, sized by a preset of their experiment, `
   :func:`experiments.benchmark_diffusion.handwritten_simple_loss`.
 
 Every hand-written loss draws its random numbers in the order the Pyro objective does and evaluates the
-networks as the model/guide pair does (the guide's roll-out, then the model's along the same draws), so at
+networks as the model/guide pair does (the guide's roll-out, then the model's along the same draws, on the
+writer's path that the guide computed, as :class:`ppl_models.policy_parts.SharedPath` hands it over), so at
 the same torch seed its value and gradients equal the Pyro loss's (``tests/test_benchmark_steps.py`` checks
 it in float64): the floor is the same computation without Pyro's tracing, replay and bookkeeping.
 
@@ -94,6 +96,7 @@ from inference.diffusion_simple import SimpleDiffusionLoss
 from inference.optim import ClippedAdam
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.draw import DRAWGenerator
+from ppl_models.gpsi import GPSI
 from ppl_models.lstm_imputer import LSTMImputer
 from ppl_models.masks import make_mask_process, validate_mask
 from ppl_models.policy_parts import cat_inputs, diag_normal, lstm_step, writer_step
@@ -136,6 +139,12 @@ def _bce_sum(logits: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None = 
     return (nll if keep is None else torch.where(keep, nll, nll.new_zeros(()))).sum()
 
 
+def handwritten_gpsi_one_pass(gpsi: GPSI, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`experiments.benchmark_gpsi.handwritten_gpsi_loss` with ω once per step (``one_pass``): p on
+    q's canvases, as the model's replay takes them (:class:`ppl_models.policy_parts.SharedPath`)."""
+    return handwritten_gpsi_loss(gpsi, x, mask, one_pass=True)
+
+
 def handwritten_vae_loss(vae: VAE, x: torch.Tensor) -> torch.Tensor:
     """``PathwiseKL_ELBO``'s negative ELBO of :class:`ppl_models.vae.VAE`, summed over the batch: one
     reparameterised z_0 ~ q(z_0 | x), the analytic KL to N(0, I), −log Bernoulli(x | σ(decoder(z_0)))."""
@@ -147,8 +156,9 @@ def handwritten_vae_loss(vae: VAE, x: torch.Tensor) -> torch.Tensor:
 
 def handwritten_lstm_loss(policy: LSTMImputer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``PathwiseKL_ELBO``'s negative ELBO (Eq. 17) of the LSTM imputer, summed over the batch: q's roll-out
-    (z_0..z_T reparameterised, in the guide's order), then p along the same draws, one analytic KL per step,
-    −log p(x_u | c_T) on the missing pixels."""
+    (z_0..z_T reparameterised, in the guide's order), then p's reader along the same draws on q's writer
+    path (as the model's replay takes it, :class:`ppl_models.policy_parts.SharedPath`), one analytic KL per
+    step, −log p(x_u | c_T) on the missing pixels."""
     # The guide's check, as ImputationPolicy.guide does (a value scan while validation is on)
     mask_q = validate_mask(mask, x, is_validation_enabled()).to(x.dtype)
 
@@ -160,28 +170,31 @@ def handwritten_lstm_loss(policy: LSTMImputer, x: torch.Tensor, mask: torch.Tens
     canvas = policy.c0.expand(x.shape[0], -1)
     q_dists, zs = [diag_normal(policy.q_z0(cat_inputs(read(canvas, mask_q, True))))], []
     zs.append(q_dists[0].rsample())
-    _, writer, state = policy.initial(zs[0])
+    reader, writer, state = policy.initial(zs[0])
+    canvases, writers = [canvas], [writer]
     for _ in range(policy.num_steps):
         state = lstm_step(policy.guide_lstm, cat_inputs([*read(canvas, mask_q, True), writer[0]]), state)
         q_dists.append(diag_normal(policy.q_step(state[0])))
         zs.append(q_dists[-1].rsample())
         writer, canvas = writer_step(policy.writer, policy.write, zs[-1], writer, canvas, policy.update)
-    # p along the same z: the model's own mask check, then its reader
+        canvases.append(canvas)
+        writers.append(writer)
+    # p along the same z: the model's own mask check, then its reader on q's writer path
     mask_p = validate_mask(mask, x, is_validation_enabled()).to(x.dtype)
-    canvas = policy.c0.expand(x.shape[0], -1)
-    p_t = diag_normal(policy.p_z0(cat_inputs(read(canvas, mask_p, False))))
+    p_t = diag_normal(policy.p_z0(cat_inputs(read(canvases[0], mask_p, False))))
     kl = kl_divergence(q_dists[0], p_t).sum()
-    state, writer, _ = policy.initial(zs[0])
-    for q_t, z in zip(q_dists[1:], zs[1:], strict=True):
-        state = lstm_step(policy.reader, cat_inputs([*read(canvas, mask_p, False), writer[0]]), state)
+    state = reader
+    for t, q_t in enumerate(q_dists[1:]):
+        reads = cat_inputs([*read(canvases[t], mask_p, False), writers[t][0]])
+        state = lstm_step(policy.reader, reads, state)
         kl = kl + kl_divergence(q_t, diag_normal(policy.p_step(state[0]))).sum()
-        writer, canvas = writer_step(policy.writer, policy.write, z, writer, canvas, policy.update)
-    return _bce_sum(canvas, x, mask_p < 0.5) + kl
+    return _bce_sum(canvases[-1], x, mask_p < 0.5) + kl
 
 
 def handwritten_draw_loss(draw: DRAWGenerator, x: torch.Tensor) -> torch.Tensor:
     """``PathwiseKL_ELBO``'s negative ELBO (Eq. 13) of the extended DRAW generator, summed over the batch:
-    q's roll-out (z_0..z_T reparameterised), then p along the same draws, one analytic KL per step."""
+    q's roll-out (z_0..z_T reparameterised), then p's step distributions along q's writer path (as the
+    model's replay takes it, :class:`ppl_models.policy_parts.SharedPath`), one analytic KL per step."""
     if draw.prior != "extended":
         raise ValueError("handwritten_draw_loss is written for the extended generator")
     n = x.shape[0]
@@ -189,20 +202,19 @@ def handwritten_draw_loss(draw: DRAWGenerator, x: torch.Tensor) -> torch.Tensor:
     zs, q_dists = [q0.rsample()], [q0]
     writer, guide_state = draw.initial(zs[0])
     canvas = draw.c0.expand(n, -1)
+    writers = [writer]
     for _ in range(draw.num_steps):
         read = cat_inputs([x, x - torch.sigmoid(canvas), writer[0]])
         guide_state = lstm_step(draw.guide_lstm, read, guide_state)
         q_dists.append(diag_normal(draw.q_step(guide_state[0])))
         zs.append(q_dists[-1].rsample())
         writer, canvas = writer_step(draw.writer, draw.write, zs[-1], writer, canvas, draw.update)
-    # p along the same z: N(0, I) for z_0, then p(z_t | s_{t-1}) from the writer
+        writers.append(writer)
+    # p along the same z: N(0, I) for z_0, then p(z_t | s_{t-1}) from the writer's state
     prior0 = pyro.distributions.Normal(x.new_zeros(draw.z0_dim), x.new_ones(draw.z0_dim)).to_event(1)
     kl = kl_divergence(q_dists[0], prior0).sum()
-    writer, _ = draw.initial(zs[0])
-    canvas = draw.c0.expand(n, -1)
-    for q_t, z in zip(q_dists[1:], zs[1:], strict=True):
-        kl = kl + kl_divergence(q_t, diag_normal(draw.p_step(writer[0]))).sum()
-        writer, canvas = writer_step(draw.writer, draw.write, z, writer, canvas, draw.update)
+    for t, q_t in enumerate(q_dists[1:]):
+        kl = kl + kl_divergence(q_t, diag_normal(draw.p_step(writers[t][0]))).sum()
     return _bce_sum(canvas, x) + kl
 
 
@@ -239,7 +251,7 @@ def build_case(name: str, sizes: str, batch_size: int, device: torch.device, see
         kw = _sizes("imputation", sizes, section)
         mask = make_mask_process(MASK, SHAPE).sample(binary, generator=g).to(dtype)
         module = build_registered(name, kw, x_dim, init_mean=binary.mean(0))
-        hand = handwritten_gpsi_loss if section == "gpsi" else handwritten_lstm_loss
+        hand = handwritten_gpsi_one_pass if section == "gpsi" else handwritten_lstm_loss
         inputs, objective = (binary, mask), PathwiseKL_ELBO()
     elif name == "draw-extended-add":
         kw = _sizes("draw", sizes, "generator")

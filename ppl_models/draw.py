@@ -47,6 +47,7 @@ from torch import nn
 from ppl_models.base import ModelGuidePair, register_model
 from ppl_models.policy_parts import (
     InitialStates,
+    SharedPath,
     cat_inputs,
     check_sizes,
     check_update,
@@ -112,6 +113,7 @@ class DRAWGenerator(ModelGuidePair):
             # (h, cell) of s_0 (θ) and of s̃_0 (φ): trainable constants.
             self.s0 = nn.Parameter(torch.zeros(2, lstm_dim))
             self.s0_guide = nn.Parameter(torch.zeros(2, lstm_dim))
+        self._path = SharedPath()
 
     # ------------------------------------------------------------------------------------- parameters
 
@@ -139,17 +141,21 @@ class DRAWGenerator(ModelGuidePair):
         return which[0].expand(n, -1), which[1].expand(n, -1)
 
     def _roll_out(self, x: torch.Tensor | None, n: int) -> list[torch.Tensor]:
-        """One trajectory of q (``x`` given) or of p (``x=None``); returns the canvases c_0..c_T."""
+        """One trajectory of q (``x`` given) or of p (``x=None``); returns the canvases c_0..c_T. The
+        writer's path along the draws is q's, reused by the model's replay (:class:`SharedPath`)."""
         guide = x is not None
         ref = self.c0
+        path = self._path.begin(self, record=guide)
         if self.prior == "extended":
             if guide:
                 z0_dist = diag_normal(self.q_z0(x))
             else:
                 z0_dist = dist.Normal(ref.new_zeros(self.z0_dim), ref.new_ones(self.z0_dim)).to_event(1)
-            writer, guide_state = self.initial(pyro.sample("z_0", z0_dist))
+            z0 = pyro.sample("z_0", z0_dist)
+            writer, guide_state = path.step(z0, self.initial, z0)
         else:
-            writer, guide_state = self._constant_state(self.s0, n), self._constant_state(self.s0_guide, n)
+            writer = path.step(None, self._constant_state, self.s0, n)
+            guide_state = self._constant_state(self.s0_guide, n)
         canvas = self.c0.expand(n, -1)
         canvases = [canvas]
         for t in pyro.markov(range(1, self.num_steps + 1)):
@@ -163,8 +169,10 @@ class DRAWGenerator(ModelGuidePair):
                 # p(z_t): open loop (a tensor scale: a number would be copied from the host every step)
                 step = dist.Normal(ref.new_zeros(self.z_dim), ref.new_ones(self.z_dim)).to_event(1)
             z = pyro.sample(f"z_{t}", step)
-            writer, canvas = writer_step(self.writer, self.write, z, writer, canvas, self.update)
+            writer, canvas = path.step(z, writer_step, self.writer, self.write, z, writer, canvas,
+                                       self.update)
             canvases.append(canvas)
+        path.end()
         return canvases
 
     # ---------------------------------------------------------------------------------- Pyro programs

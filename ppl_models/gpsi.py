@@ -34,6 +34,7 @@ from torch import nn
 from ppl_models.base import register_model
 from ppl_models.imputation_policy import ImputationPolicy
 from ppl_models.policy_parts import (
+    SharedPath,
     cat_inputs,
     check_sizes,
     check_update,
@@ -74,6 +75,7 @@ class GPSI(ImputationPolicy):
         self.q_net = mlp([3 * x_dim, *hidden, 2 * z_dim])  # [current image, mask, residual]
         self.omega = mlp([z_dim, *reversed(hidden), x_dim])
         self.c0 = initial_canvas(x_dim, init_mean)
+        self._path = SharedPath()
 
     @property
     def latent_sites(self) -> tuple[str, ...]:
@@ -83,11 +85,16 @@ class GPSI(ImputationPolicy):
         """φ: q's network (ω and c_0 are shared with p)."""
         return list(self.q_net.parameters())
 
+    def _write(self, canvas: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """c_t from c_{t-1} and z_t: the imputation constructor ω and the canvas update."""
+        return update_canvas(canvas, self.omega(z), self.update)
+
     def _roll_out(self, x: torch.Tensor, mask: torch.Tensor, guide: bool) -> list[torch.Tensor]:
         """One trajectory of p (``guide=False``) or q; returns the canvases c_0..c_T."""
         canvas = self.c0.expand(x.shape[0], -1)
         canvases = [canvas]
         known = mask * x  # the only part of x the primary policy may read
+        path = self._path.begin(self, record=guide)  # q's canvases, reused by the model's replay
         for t in pyro.markov(range(1, self.num_steps + 1)):
             guess = torch.sigmoid(canvas)
             current = known + (1 - mask) * guess
@@ -96,8 +103,9 @@ class GPSI(ImputationPolicy):
             else:
                 params = self.p_net(cat_inputs([current, mask]))
             z = pyro.sample(f"z_{t}", diag_normal(params))
-            canvas = update_canvas(canvas, self.omega(z), self.update)
+            canvas = path.step(z, self._write, canvas, z)
             canvases.append(canvas)
+        path.end()
         return canvases
 
 

@@ -35,6 +35,7 @@ from ppl_models.base import register_model
 from ppl_models.imputation_policy import ImputationPolicy
 from ppl_models.policy_parts import (
     InitialStates,
+    SharedPath,
     cat_inputs,
     check_sizes,
     check_update,
@@ -86,6 +87,7 @@ class LSTMImputer(ImputationPolicy):
         self.q_step = nn.Linear(lstm_dim, 2 * z_dim)
         self.write = nn.Linear(lstm_dim, x_dim)
         self.c0 = initial_canvas(x_dim, init_mean)
+        self._path = SharedPath()
 
     @property
     def latent_sites(self) -> tuple[str, ...]:
@@ -105,16 +107,19 @@ class LSTMImputer(ImputationPolicy):
             guess = torch.sigmoid(canvas)
             return [known + (1 - mask) * guess, mask] + ([x - guess] if guide else [])
 
+        path = self._path.begin(self, record=guide)  # q's writer path, reused by the model's replay
         z0_net = self.q_z0 if guide else self.p_z0
         z0 = pyro.sample("z_0", diag_normal(z0_net(cat_inputs(read(canvas)))))
-        reader, writer, guide_state = self.initial(z0)
+        reader, writer, guide_state = path.step(z0, self.initial, z0)
         state = guide_state if guide else reader  # q runs its guide LSTM, p its reader
         lstm, head = (self.guide_lstm, self.q_step) if guide else (self.reader, self.p_step)
         for t in pyro.markov(range(1, self.num_steps + 1)):
             state = lstm_step(lstm, cat_inputs([*read(canvas), writer[0]]), state)
             z = pyro.sample(f"z_{t}", diag_normal(head(state[0])))
-            writer, canvas = writer_step(self.writer, self.write, z, writer, canvas, self.update)
+            writer, canvas = path.step(z, writer_step, self.writer, self.write, z, writer, canvas,
+                                       self.update)
             canvases.append(canvas)
+        path.end()
         return canvases
 
 

@@ -15,7 +15,10 @@ Symbols to code:
   the pair (h, cell));
 - the infinite-mixture initialisation s_0 = f_θ(z_0) -> :class:`InitialStates`;
 - the canvas c_t and the imputation constructor ω -> :func:`update_canvas` (``"add"``: c_t = c_{t-1} +
-  ω(·); ``"jump"``: c_t = ω(·)).
+  ω(·); ``"jump"``: c_t = ω(·));
+- p's deterministic path (s_t, c_t) along a trajectory's draws, which q computes (it reads p's state and
+  canvas) and the model's replay of the same draws takes from q instead of computing again ->
+  :class:`SharedPath`.
 
 Deviations from the paper's Theano code, all deliberate: ``torch.nn.LSTMCell`` has no peephole
 connections; no Gaussian noise is added to LSTM states. The forget-gate bias starts at +2 as in that
@@ -23,6 +26,9 @@ code, so early in training the LSTMs keep their state.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pyro.distributions as dist
 import torch
@@ -150,3 +156,84 @@ def stack_canvases(canvases: list[torch.Tensor]) -> torch.Tensor:
     sampling while the later canvases may, so they are broadcast first."""
     shape = torch.broadcast_shapes(*(c.shape for c in canvases))
     return torch.stack([c.expand(shape) for c in canvases])
+
+
+_T = TypeVar("_T")
+
+
+class SharedPath:
+    r"""p's deterministic path along one trajectory's draws, computed once for a guide run and the model
+    run that replays it.
+
+    Every objective here scores the model along the guide's draws (``PathwiseKL_ELBO``, ``Trace_ELBO``,
+    ``IWAE_ELBO``, the importance-sampled scores): the guide q runs first, and it rolls out p's writer along
+    its own draws, because q reads p's state and canvas (DRAW's error image, the imputers' current guess).
+    The model then rolls the same writer out again along the *same* draws, which Pyro's replay hands over
+    as the very tensors q sampled. The writer's path (s_t, c_t) is a function of the draws and θ alone, so
+    the model can take q's: one roll-out of the writer per step instead of two (GPSI's ω, the LSTM
+    imputers' and DRAW's writer LSTM and write). Values are the same tensors; gradients are the same sums,
+    their terms added in another order (float round-off). A compiler finds this saving in a hand-written
+    loss by common-subexpression elimination; Pyro's two programs hide it from one.
+
+    The guide :meth:`begin`\ s with ``record=True`` and each :meth:`step` computes and records; the model
+    begins with ``record=False`` and a step is taken from the record only while every draw so far is the
+    recorded tensor itself (``is``), grad mode is as recorded, and no parameter of the module has changed
+    in place since (tensor version counters: an optimiser step in between); otherwise, from that step on,
+    it computes afresh. :meth:`end` after the model's roll-out drops the record (so does the next guide
+    run). A copy (``copy.deepcopy``, pickling) starts empty.
+    """
+
+    def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
+        self._steps: list[tuple[Any, Any]] = []
+        self._grad: bool | None = None
+        self._versions: tuple[int, ...] | None = None
+        self._mode, self._pos = "off", 0
+
+    def begin(self, module: nn.Module, record: bool) -> SharedPath:
+        """Start a roll-out of ``module``: the guide's (``record``) or the model's."""
+        versions = tuple(p._version for p in module.parameters())
+        if record:
+            self._steps, self._grad, self._versions = [], torch.is_grad_enabled(), versions
+            self._mode = "record"
+        else:
+            same = self._versions == versions and self._grad == torch.is_grad_enabled()
+            self._mode = "replay" if same and self._steps else "off"
+        self._pos = 0
+        return self
+
+    def step(self, draw: torch.Tensor | None, compute: Callable[..., _T], *args: Any) -> _T:
+        """The next deterministic step after ``draw`` (``None`` for a step that follows no draw, such as a
+        constant initial state): ``compute(*args)``, or the recorded result where the model replays the
+        guide's draws."""
+        if self._mode == "record":
+            out = compute(*args)
+            self._steps.append((draw, out))
+            return out
+        if self._mode == "replay":
+            i, self._pos = self._pos, self._pos + 1
+            if i < len(self._steps) and self._steps[i][0] is draw:
+                return self._steps[i][1]
+            self._mode = "off"  # the paths diverged: every later step depends on this one
+        return compute(*args)
+
+    def end(self) -> None:
+        """The end of a roll-out: the model's drops the record (its tensors and their graph)."""
+        if self._mode != "record":
+            self._clear()
+        self._mode = "off"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedPath:
+        return SharedPath()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._clear()
+
+    def __repr__(self) -> str:
+        return f"SharedPath({len(self._steps)} steps recorded)"
+
