@@ -39,6 +39,10 @@ gradients cleared):
 - ``fused``: ``differentiable_loss`` with validation off, backward, and one
   :class:`inference.optim.ClippedAdam` over all parameters (Pyro's ClippedAdam update; ``torch._foreach``
   kernels off the CPU), the loss read back as the Trainer reads it: the Trainer's step with ``--step fused``;
+- ``fused-unshared``: ``fused`` with the model computing p's writer path again along the guide's draws
+  instead of taking the guide's (:func:`ppl_models.policy_parts.shared_paths`): what
+  :class:`ppl_models.policy_parts.SharedPath` saves, in the same run (the VAE and diffusion have no such
+  path: there it is ``fused`` again);
 - ``cuda-graph`` (CUDA only): the ``fused`` step captured in CUDA graphs (:mod:`inference.cuda_graph`,
   ``--step cuda-graph``); its warm-up steps and capture are timed apart.
 
@@ -99,7 +103,7 @@ from ppl_models.draw import DRAWGenerator
 from ppl_models.gpsi import GPSI
 from ppl_models.lstm_imputer import LSTMImputer
 from ppl_models.masks import make_mask_process, validate_mask
-from ppl_models.policy_parts import cat_inputs, diag_normal, lstm_step, writer_step
+from ppl_models.policy_parts import cat_inputs, diag_normal, lstm_step, shared_paths, writer_step
 from ppl_models.vae import VAE
 
 DEFAULT_OUT = "runs/benchmark-steps"
@@ -114,6 +118,8 @@ VARIANTS = {
     "fused": "objective.differentiable_loss + backward + one ClippedAdam (inference.optim; foreach kernels "
              "off the CPU) over all parameters, validation off, the loss read back: the Trainer's step "
              "with --step fused",
+    "fused-unshared": "the fused step with the model computing p's writer path again along the guide's draws "
+                      "(ppl_models.policy_parts.shared_paths(False)): the two programs' plain cost",
     "handwritten": "hand-written loss (same computation) + backward + torch Adam, eager, validation off",
     "handwritten-compiled": "the hand-written loss through torch.compile + backward + torch Adam, validation "
                             "off",
@@ -316,6 +322,10 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
             fused_opt.zero_grad(set_to_none=True)
         return value
 
+    def fused_unshared_step() -> float:
+        with shared_paths(False):
+            return fused_step()
+
     def step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> torch.Tensor:
         loss = loss_fn()
         loss.backward()
@@ -342,6 +352,7 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
         "pyro-diff-novalid": lambda: step(novalid, opts["pyro-diff-novalid"]),
         "handwritten": lambda: step(lambda: floor(case.handwritten), opts["handwritten"]),
         "fused": fused_step,
+        "fused-unshared": fused_unshared_step,
     }
     if case.inputs[0].is_cuda:
         graphed = GraphedStep(lambda *a: case.objective.differentiable_loss(m.model, m.guide, *a),

@@ -27,7 +27,8 @@ code, so early in training the LSTMs keep their state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pyro.distributions as dist
@@ -160,6 +161,21 @@ def stack_canvases(canvases: list[torch.Tensor]) -> torch.Tensor:
 
 _T = TypeVar("_T")
 
+#: Whether :class:`SharedPath` hands the guide's path to the model (see :func:`shared_paths`).
+_SHARING = [True]
+
+
+@contextlib.contextmanager
+def shared_paths(enabled: bool) -> Iterator[None]:
+    """Within the block, the model's replay takes p's writer path from the guide (``True``, the default
+    everywhere) or computes it again as a separate roll-out (``False``: the two programs' plain cost, for a
+    benchmark or a check)."""
+    before, _SHARING[0] = _SHARING[0], bool(enabled)
+    try:
+        yield
+    finally:
+        _SHARING[0] = before
+
 
 class SharedPath:
     r"""p's deterministic path along one trajectory's draws, computed once for a guide run and the model
@@ -200,7 +216,7 @@ class SharedPath:
             self._mode = "record"
         else:
             same = self._versions == versions and self._grad == torch.is_grad_enabled()
-            self._mode = "replay" if same and self._steps else "off"
+            self._mode = "replay" if same and self._steps and _SHARING[0] else "off"
         self._pos = 0
         return self
 

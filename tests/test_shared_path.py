@@ -18,7 +18,7 @@ from experiments.benchmark_steps import build_case
 from inference.iwae import IWAE_ELBO
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.base import build_model
-from ppl_models.policy_parts import SharedPath
+from ppl_models.policy_parts import SharedPath, shared_paths
 
 CPU = torch.device("cpu")
 #: model -> the network the writer path runs (once per step)
@@ -38,10 +38,6 @@ def _count_calls(module: torch.nn.Module, name: str) -> list[int]:
     calls = [0]
     getattr(module, name).register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
-
-
-def _unshared(monkeypatch) -> None:
-    monkeypatch.setattr(SharedPath, "step", lambda self, draw, compute, *args: compute(*args))
 
 
 def _loss_and_grads(module, objective, inputs, seed=0):
@@ -65,12 +61,18 @@ def test_the_writer_runs_once_per_step(name):
 
 @pytest.mark.parametrize("name", [*sorted(WRITERS), "draw-open-loop"])
 @pytest.mark.parametrize("objective", ["pathwise", "trace", "iwae"])
-def test_values_and_gradients_equal_two_separate_roll_outs(name, objective, monkeypatch):
+def test_values_and_gradients_equal_two_separate_roll_outs(name, objective):
     loss = {"pathwise": PathwiseKL_ELBO, "trace": Trace_ELBO, "iwae": lambda: IWAE_ELBO(num_particles=3)}
     module, inputs = _case(name)
+    calls = _count_calls(module, WRITERS.get(name, "writer"))
     shared_value, shared = _loss_and_grads(module, loss[objective](), inputs)
-    _unshared(monkeypatch)
-    value, grads = _loss_and_grads(module, loss[objective](), inputs)
+    shared_calls, calls[0] = calls[0], 0
+    with shared_paths(False):
+        value, grads = _loss_and_grads(module, loss[objective](), inputs)
+    if objective == "iwae":  # it also traces the guide alone (its reparameterisation check)
+        assert calls[0] > shared_calls
+    else:  # the guide's roll-out alone, then both
+        assert (shared_calls, calls[0]) == (module.num_steps, 2 * module.num_steps)
     assert shared_value == pytest.approx(value, rel=1e-12)
     assert shared.keys() == grads.keys()
     for n, g in grads.items():
