@@ -435,8 +435,8 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
     }
 
 
-#: Settings a resumed benchmark must share with the run it continues.
-RESUME_KEYS = ("sizes_preset", "batch_size", "seed", "repeats", "warmup", "variants_requested", "device_type")
+class BenchmarkExists(Exception):
+    """``--out`` holds a benchmark that this run may not overwrite, or may not continue with its options."""
 
 
 def run(models: tuple[str, ...], sizes: str, batch_size: int, device: str, repeats: int, warmup: int,
@@ -450,16 +450,19 @@ def run(models: tuple[str, ...], sizes: str, batch_size: int, device: str, repea
     from tqdm.auto import tqdm
 
     dev = torch.device(device)
-    settings = {"sizes_preset": sizes, "batch_size": batch_size, "seed": seed, "repeats": repeats,
-                "warmup": warmup, "variants_requested": list(variants), "device_type": dev.type}
+    # What a resumed run must share with the run it continues (each model's row names its own machine).
+    settings = {"models_requested": sorted(models), "sizes_preset": sizes, "batch_size": batch_size,
+                "seed": seed, "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
+                "variants_requested": [v for v in VARIANTS if v in variants], "device_type": dev.type}
     load_before = _load_average()
-    earlier, wall_before = _earlier_rows(out, settings, resume, force)
-    rows = [r for r in earlier if r["model"] in models]
+    rows, wall_before = _earlier_rows(out, settings, resume, force)
     done = {r["model"] for r in rows}
     t0 = time.time()
     result: dict[str, Any] = {}
     for m in tqdm([m for m in models if m not in done], desc="models", disable=not progress):
-        rows.append(bench_model(m, sizes, batch_size, dev, seed, repeats, warmup, variants))
+        load = _load_average()
+        rows.append({**bench_model(m, sizes, batch_size, dev, seed, repeats, warmup, variants),
+                     "load_average_before": load})
         rows.sort(key=lambda r: models.index(r["model"]))
         result = _result(rows, models, settings, load_before, wall_before + time.time() - t0)
         out.mkdir(parents=True, exist_ok=True)
@@ -501,14 +504,17 @@ def _earlier_rows(out: Path, settings: dict[str, Any], resume: bool,
     if not path.exists() or (force and not resume):
         return [], 0.0
     if not resume:
-        raise FileExistsError(f"{path} exists: --resume continues it (the models not yet timed), --force "
+        raise BenchmarkExists(f"{path} exists: --resume continues it (the models not yet timed), --force "
                               "overwrites it, or choose another --out")
     earlier = json.loads(path.read_text())
     differ = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != v}
     if differ:
-        raise ValueError(f"--resume: {path} was run with other settings "
-                         + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items())
-                         + "; give the same options, or another --out")
+        raise BenchmarkExists(
+            f"--resume: {path} was run with other settings: "
+            + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items())
+            + "; give the options it ran with (--models, --sizes, --batch-size, --seed, --repeats, --warmup, "
+            "--threads, --variants/--no-compile, the device's type; its command is in benchmark.json), or "
+            "another --out")
     return earlier["models"], float(earlier.get("wall_seconds", 0.0))
 
 
@@ -584,7 +590,8 @@ def _machines_sentence(r: dict[str, Any]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m experiments.benchmark_steps", description=__doc__.split("\n\n")[0],
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog="variants:\n" + "\n".join(f"  {k}: {v}" for k, v in VARIANTS.items()))
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated models to time (default all: {','.join(MODELS)})")
     parser.add_argument("--sizes", default="paper", choices=("quick", "cpu", "paper"),
@@ -611,16 +618,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}/<sizes>)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the benchmark in --out: keep the models it timed, time the others "
-                        "with the same options (the report is written after each model, so a run stopped "
-                        "by a time limit keeps what it finished)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing benchmark in --out")
+                        help="continue the benchmark in --out: keep the models it timed, time the others. "
+                        "Every option but --out, --device's index and --no-progress must be as it ran (the "
+                        "report is written after each model, so a run stopped by a time limit keeps what "
+                        "it finished)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing benchmark in --out (not with --resume)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resume and args.force:
+        parser.error("--resume continues the benchmark in --out, --force overwrites it: give one")
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
@@ -640,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
             variants, progress=not args.no_progress, resume=args.resume, force=args.force,
             command=reproduce_command("experiments.benchmark_steps", sys.argv[1:] if argv is None else argv,
                                       out, device))
-    except (FileExistsError, ValueError) as e:
+    except BenchmarkExists as e:
         parser.error(str(e))
     print((out / "benchmark.md").read_text())
     print(f"results: {out / 'benchmark.json'}", file=sys.stderr)

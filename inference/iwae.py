@@ -43,13 +43,14 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import warn_if_nan
 
 from inference.pathwise_kl_elbo import same_factor
+from ppl_models.policy_parts import guide_model_pair
 
 PARTICLE_PLATE = "iw_particles"
 
 
 def max_plate_nesting(model, guide, *args, **kwargs) -> int:
     """Number of plate dimensions used by a model/guide pair (one untraced run of each)."""
-    with poutine.block(), torch.no_grad():
+    with poutine.block(), torch.no_grad(), guide_model_pair():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     dims = [
@@ -155,10 +156,11 @@ def log_importance_weights(
     nesting = plate_nesting + 1
     particles = pyro.plate(PARTICLE_PLATE, num_samples, dim=-nesting)
     try:
-        guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        with guide_model_pair():  # the model takes p's writer path from the guide (SharedPath)
+            guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
     except (RuntimeError, ValueError) as e:
         if not any(w in str(e).lower() for w in ("shape", "size", "broadcast", "dimension", PARTICLE_PLATE)):
             raise

@@ -79,6 +79,8 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 from torch.distributions import Independent, kl_divergence
 
+from ppl_models.policy_parts import guide_model_pair
+
 
 class PathwiseKLValidityError(ValueError):
     """A site's analytic KL would be biased (or a model latent has no guide site) and ``strict=True``."""
@@ -381,6 +383,12 @@ class PathwiseKL_ELBO(Trace_ELBO):
             surrogate = surrogate + (cost * score).sum()
 
         return elbo, -surrogate
+
+    def _get_trace(self, model, guide, args, kwargs):
+        # One guide run and the model's replay of it: the model takes p's writer path from the guide
+        # instead of computing it again (ppl_models.policy_parts.SharedPath).
+        with guide_model_pair():
+            return super()._get_trace(model, guide, args, kwargs)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The negative ELBO as a tensor whose gradient is the surrogate's, as

@@ -145,7 +145,7 @@ class DRAWGenerator(ModelGuidePair):
         writer's path along the draws is q's, reused by the model's replay (:class:`SharedPath`)."""
         guide = x is not None
         ref = self.c0
-        path = self._path.begin(self, record=guide)
+        path = self._path.begin(record=guide)
         if self.prior == "extended":
             if guide:
                 z0_dist = diag_normal(self.q_z0(x))
@@ -154,8 +154,7 @@ class DRAWGenerator(ModelGuidePair):
             z0 = pyro.sample("z_0", z0_dist)
             writer, guide_state = path.step(z0, self.initial, z0)
         else:
-            writer = path.step(None, self._constant_state, self.s0, n)
-            guide_state = self._constant_state(self.s0_guide, n)
+            writer, guide_state = self._constant_state(self.s0, n), self._constant_state(self.s0_guide, n)
         canvas = self.c0.expand(n, -1)
         canvases = [canvas]
         for t in pyro.markov(range(1, self.num_steps + 1)):

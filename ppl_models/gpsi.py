@@ -94,7 +94,7 @@ class GPSI(ImputationPolicy):
         canvas = self.c0.expand(x.shape[0], -1)
         canvases = [canvas]
         known = mask * x  # the only part of x the primary policy may read
-        path = self._path.begin(self, record=guide)  # q's canvases, reused by the model's replay
+        path = self._path.begin(record=guide)  # q's canvases, reused by the model's replay
         for t in pyro.markov(range(1, self.num_steps + 1)):
             guess = torch.sigmoid(canvas)
             current = known + (1 - mask) * guess

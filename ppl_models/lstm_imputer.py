@@ -107,7 +107,7 @@ class LSTMImputer(ImputationPolicy):
             guess = torch.sigmoid(canvas)
             return [known + (1 - mask) * guess, mask] + ([x - guess] if guide else [])
 
-        path = self._path.begin(self, record=guide)  # q's writer path, reused by the model's replay
+        path = self._path.begin(record=guide)  # q's writer path, reused by the model's replay
         z0_net = self.q_z0 if guide else self.p_z0
         z0 = pyro.sample("z_0", diag_normal(z0_net(cat_inputs(read(canvas)))))
         reader, writer, guide_state = path.step(z0, self.initial, z0)

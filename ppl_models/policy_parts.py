@@ -163,6 +163,8 @@ _T = TypeVar("_T")
 
 #: Whether :class:`SharedPath` hands the guide's path to the model (see :func:`shared_paths`).
 _SHARING = [True]
+#: The open :func:`guide_model_pair` scopes, innermost last: the paths recorded in each.
+_SCOPES: list[list[SharedPath]] = []
 
 
 @contextlib.contextmanager
@@ -177,53 +179,71 @@ def shared_paths(enabled: bool) -> Iterator[None]:
         _SHARING[0] = before
 
 
+@contextlib.contextmanager
+def guide_model_pair() -> Iterator[None]:
+    """The scope of one guide run and the model run that replays it, with no parameter change between:
+    inside it :class:`SharedPath` records the guide's path and hands it to the model; on leaving it every
+    record made inside is dropped. The objectives enter it around each guide/model pair
+    (:class:`inference.pathwise_kl_elbo.PathwiseKL_ELBO`, :mod:`inference.iwae`'s importance traces, hence
+    ``IWAE_ELBO`` and the importance-sampled scores); outside it nothing is recorded or reused (Pyro's own
+    ``Trace_ELBO``, a guide or a model run alone)."""
+    recorded: list[SharedPath] = []
+    _SCOPES.append(recorded)
+    try:
+        yield
+    finally:
+        _SCOPES.pop()
+        for path in recorded:
+            path._clear()
+
+
 class SharedPath:
     r"""p's deterministic path along one trajectory's draws, computed once for a guide run and the model
     run that replays it.
 
-    Every objective here scores the model along the guide's draws (``PathwiseKL_ELBO``, ``Trace_ELBO``,
-    ``IWAE_ELBO``, the importance-sampled scores): the guide q runs first, and it rolls out p's writer along
-    its own draws, because q reads p's state and canvas (DRAW's error image, the imputers' current guess).
-    The model then rolls the same writer out again along the *same* draws, which Pyro's replay hands over
-    as the very tensors q sampled. The writer's path (s_t, c_t) is a function of the draws and θ alone, so
-    the model can take q's: one roll-out of the writer per step instead of two (GPSI's ω, the LSTM
-    imputers' and DRAW's writer LSTM and write). Values are the same tensors; gradients are the same sums,
-    their terms added in another order (float round-off). A compiler finds this saving in a hand-written
-    loss by common-subexpression elimination; Pyro's two programs hide it from one.
+    The objectives here score the model along the guide's draws (``PathwiseKL_ELBO``, ``IWAE_ELBO``, the
+    importance-sampled scores): the guide q runs first, and it rolls out p's writer along its own draws,
+    because q reads p's state and canvas (DRAW's error image, the imputers' current guess). The model then
+    rolls the same writer out again along the *same* draws, which Pyro's replay hands over as the very
+    tensors q sampled. The writer's path (s_t, c_t) is a function of the draws and θ alone, so the model can
+    take q's: one roll-out of the writer per step instead of two (GPSI's ω, the LSTM imputers' and DRAW's
+    writer LSTM and write, the initial states f_θ(z_0)). Values are the same tensors; gradients are the same
+    sums, their terms added in another order (float round-off). A compiler finds this saving in a
+    hand-written loss by common-subexpression elimination; Pyro's two programs hide it from one.
 
-    The guide :meth:`begin`\ s with ``record=True`` and each :meth:`step` computes and records; the model
-    begins with ``record=False`` and a step is taken from the record only while every draw so far is the
-    recorded tensor itself (``is``), grad mode is as recorded, and no parameter of the module has changed
-    in place since (tensor version counters: an optimiser step in between); otherwise, from that step on,
-    it computes afresh. :meth:`end` after the model's roll-out drops the record (so does the next guide
-    run). A copy (``copy.deepcopy``, pickling) starts empty.
+    Only inside a :func:`guide_model_pair` scope, which the objectives open around each guide run and the
+    model run that replays it: there the guide :meth:`begin`\ s with ``record=True`` and each :meth:`step`
+    computes and records; the model begins with ``record=False``, and a step is taken from the record only
+    while every draw so far is the recorded tensor itself (``is``) and grad mode is as recorded; otherwise,
+    from that step on, it computes afresh. The scope's exit drops the record, so nothing recorded outlives
+    the pair: no optimiser step can come between a record and its use. Outside a scope each roll-out
+    computes everything. A copy (``copy.deepcopy``, pickling) starts empty.
     """
 
     def __init__(self) -> None:
         self._clear()
 
     def _clear(self) -> None:
-        self._steps: list[tuple[Any, Any]] = []
+        self._steps: list[tuple[torch.Tensor, Any]] = []
         self._grad: bool | None = None
-        self._versions: tuple[int, ...] | None = None
         self._mode, self._pos = "off", 0
 
-    def begin(self, module: nn.Module, record: bool) -> SharedPath:
-        """Start a roll-out of ``module``: the guide's (``record``) or the model's."""
-        versions = tuple(p._version for p in module.parameters())
-        if record:
-            self._steps, self._grad, self._versions = [], torch.is_grad_enabled(), versions
-            self._mode = "record"
-        else:
-            same = self._versions == versions and self._grad == torch.is_grad_enabled()
-            self._mode = "replay" if same and self._steps and _SHARING[0] else "off"
+    def begin(self, record: bool) -> SharedPath:
+        """Start a roll-out: the guide's (``record``) or the model's."""
         self._pos = 0
+        if not _SCOPES or not _SHARING[0]:
+            self._mode = "off"
+        elif record:
+            self._steps, self._grad, self._mode = [], torch.is_grad_enabled(), "record"
+            _SCOPES[-1].append(self)
+        else:
+            same = self._grad == torch.is_grad_enabled()
+            self._mode = "replay" if same and self._steps else "off"
         return self
 
-    def step(self, draw: torch.Tensor | None, compute: Callable[..., _T], *args: Any) -> _T:
-        """The next deterministic step after ``draw`` (``None`` for a step that follows no draw, such as a
-        constant initial state): ``compute(*args)``, or the recorded result where the model replays the
-        guide's draws."""
+    def step(self, draw: torch.Tensor, compute: Callable[..., _T], *args: Any) -> _T:
+        """The next deterministic step after ``draw``: ``compute(*args)``, or the recorded result where the
+        model replays the guide's draws."""
         if self._mode == "record":
             out = compute(*args)
             self._steps.append((draw, out))
@@ -236,9 +256,7 @@ class SharedPath:
         return compute(*args)
 
     def end(self) -> None:
-        """The end of a roll-out: the model's drops the record (its tensors and their graph)."""
-        if self._mode != "record":
-            self._clear()
+        """The end of a roll-out (the record stays until its scope ends)."""
         self._mode = "off"
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SharedPath:
@@ -252,4 +270,3 @@ class SharedPath:
 
     def __repr__(self) -> str:
         return f"SharedPath({len(self._steps)} steps recorded)"
-

@@ -117,6 +117,17 @@ def test_a_stopped_benchmark_keeps_its_timed_models_and_resume_times_the_rest(tm
     with pytest.raises(SystemExit):
         main(["--models", "vae,diffusion-gaussian", *_FAST, "--repeats", "3", "--out", str(out), "--resume"])
     assert "repeats=2 (now 3)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a resume with fewer models would drop the timed rows from the page
+        main(["--models", "diffusion-gaussian", *_FAST, "--out", str(out), "--resume"])
+    assert "models_requested" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--models", "vae,diffusion-gaussian", *_FAST, "--out", str(out), "--resume", "--force"])
+    assert "give one" in capsys.readouterr().err
+    # An error inside the benchmark is no usage error: it propagates with its traceback.
+    monkeypatch.setattr(bs, "bench_model", lambda *a, **k: (_ for _ in ()).throw(ValueError("inside")))
+    with pytest.raises(ValueError, match="inside"):
+        main(["--models", "vae,diffusion-gaussian", *_FAST, "--out", str(out), "--resume"])
+    monkeypatch.setattr(bs, "bench_model", real)
 
     assert main(["--models", "vae,diffusion-gaussian", *_FAST, "--out", str(out), "--resume"]) == 0
     full = json.loads((out / "benchmark.json").read_text())

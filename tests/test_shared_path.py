@@ -1,7 +1,8 @@
-"""The model's replay takes p's writer path from the guide (ppl_models.policy_parts.SharedPath): the writer
-runs once per step instead of twice, every objective's value and gradients are those of the two separate
-roll-outs (float64), and the record is never used where it would be wrong: other draws, a parameter changed
-in place, another grad mode, the model run alone."""
+"""The model's replay takes p's writer path from the guide (ppl_models.policy_parts.SharedPath) inside the
+objectives' guide/model pairs: the writer runs once per step instead of twice, every objective's value and
+gradients are those of two separate roll-outs (float64), and the record is never used where it would be
+wrong: other draws, another grad mode, after its pair (an optimiser step, Pyro's through ``.data``
+included), a model run alone, another batch size."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from experiments.benchmark_steps import build_case
 from inference.iwae import IWAE_ELBO
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.base import build_model
-from ppl_models.policy_parts import SharedPath, shared_paths
+from ppl_models.policy_parts import guide_model_pair, shared_paths
 
 CPU = torch.device("cpu")
 #: model -> the network the writer path runs (once per step)
@@ -71,8 +72,24 @@ def test_values_and_gradients_equal_two_separate_roll_outs(name, objective):
         value, grads = _loss_and_grads(module, loss[objective](), inputs)
     if objective == "iwae":  # it also traces the guide alone (its reparameterisation check)
         assert calls[0] > shared_calls
+    elif objective == "trace":  # Pyro's own objective opens no guide/model pair: nothing shared
+        assert (shared_calls, calls[0]) == (2 * module.num_steps, 2 * module.num_steps)
     else:  # the guide's roll-out alone, then both
         assert (shared_calls, calls[0]) == (module.num_steps, 2 * module.num_steps)
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_a_pair_scope_around_pyros_own_objective_shares_too(name):
+    module, inputs = _case(name)
+    calls = _count_calls(module, WRITERS[name])
+    value, grads = _loss_and_grads(module, Trace_ELBO(), inputs)
+    calls[0] = 0
+    with guide_model_pair():
+        shared_value, shared = _loss_and_grads(module, Trace_ELBO(), inputs)
+    assert calls[0] == module.num_steps
+    assert shared_value == pytest.approx(value, rel=1e-12)
+    for n, g in grads.items():
+        assert torch.allclose(shared[n], g, rtol=1e-10, atol=1e-12), n
     assert shared_value == pytest.approx(value, rel=1e-12)
     assert shared.keys() == grads.keys()
     for n, g in grads.items():
@@ -80,51 +97,68 @@ def test_values_and_gradients_equal_two_separate_roll_outs(name, objective):
 
 
 @pytest.mark.parametrize("name", sorted(WRITERS))
-def test_a_parameter_changed_in_place_between_guide_and_model_is_not_missed(name):
+def test_a_record_does_not_outlive_its_pair_nor_an_optimiser_step(name):
+    """Pyro's ClippedAdam (the SVI step's) writes through ``.data``, which no version counter sees: the record
+    must already be gone when it steps."""
     module, inputs = _case(name)
     calls = _count_calls(module, WRITERS[name])
-    writer = next(getattr(module, WRITERS[name]).parameters())
-    guide_trace = poutine.trace(module.guide).get_trace(*inputs)
-    with torch.no_grad():
-        writer.add_(0.5)  # as an optimiser step would
+    pyro.clear_param_store()
+    with guide_model_pair():
+        guide_trace = poutine.trace(module.guide).get_trace(*inputs)
+        assert len(module._path._steps) > 0
+    assert module._path._steps == []  # dropped with its scope
+    loss = -poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*inputs).log_prob_sum()
+    loss.backward()
+    pyro.optim.ClippedAdam({"lr": 0.5})([p for p in module.parameters() if p.grad is not None])
     calls[0] = 0
-    canvases = poutine.replay(module.model, trace=guide_trace)(*inputs)
-    assert calls[0] == module.num_steps  # computed afresh
-    module._path = SharedPath()  # nothing recorded: the model computes everything itself
+    with guide_model_pair():  # even in a new scope, the old trace's draws find no record
+        canvases = poutine.replay(module.model, trace=guide_trace)(*inputs)
+    assert calls[0] == module.num_steps  # computed afresh with the updated weights
     expected = poutine.replay(module.model, trace=guide_trace)(*inputs)
     assert torch.equal(canvases, expected)
+    # A guide run alone records nothing outside a pair.
+    poutine.trace(module.guide).get_trace(*inputs)
+    assert module._path._steps == []
 
 
 def test_other_draws_and_another_grad_mode_compute_afresh():
     module, inputs = _case("draw-extended-add")
     calls = _count_calls(module, "writer")
-    guide_trace = poutine.trace(module.guide).get_trace(*inputs)
-    # Draws from z_2 on replaced: z_1's step is q's, every later one is computed.
-    other = guide_trace.copy()
-    for t in range(2, module.num_steps + 1):
-        site = other.nodes[f"z_{t}"]
-        other.nodes[f"z_{t}"] = dict(site, value=torch.zeros_like(site["value"]))
-    calls[0] = 0
-    canvases = poutine.replay(module.model, trace=other)(*inputs)
+    with guide_model_pair():
+        guide_trace = poutine.trace(module.guide).get_trace(*inputs)
+        # Draws from z_2 on replaced: z_1's step is q's, every later one is computed.
+        other = guide_trace.copy()
+        for t in range(2, module.num_steps + 1):
+            site = other.nodes[f"z_{t}"]
+            other.nodes[f"z_{t}"] = dict(site, value=torch.zeros_like(site["value"]))
+        calls[0] = 0
+        canvases = poutine.replay(module.model, trace=other)(*inputs)
     assert calls[0] == module.num_steps - 1
-    module._path = SharedPath()
     assert torch.equal(canvases, poutine.replay(module.model, trace=other)(*inputs))
     # The guide without gradients, the model with: the model's path must carry gradients, so it is computed.
-    with torch.no_grad():
-        guide_trace = poutine.trace(module.guide).get_trace(*inputs)
-    calls[0] = 0
-    canvases = poutine.replay(module.model, trace=guide_trace)(*inputs)
+    with guide_model_pair():
+        with torch.no_grad():
+            guide_trace = poutine.trace(module.guide).get_trace(*inputs)
+        calls[0] = 0
+        canvases = poutine.replay(module.model, trace=guide_trace)(*inputs)
     assert calls[0] == module.num_steps and canvases.requires_grad
 
 
-def test_the_model_alone_and_a_copy_start_without_a_record():
+def test_the_model_alone_another_batch_and_a_copy_start_without_a_record():
     module, inputs = _case("gpsi-add")
     calls = _count_calls(module, "omega")
-    poutine.trace(module.guide).get_trace(*inputs)
-    assert len(module._path._steps) == module.num_steps
-    twin = copy.deepcopy(module)  # a recorded path holds non-leaf tensors, which deepcopy refuses
-    assert twin._path._steps == []
-    assert pickle.loads(pickle.dumps(module._path))._steps == []
-    calls[0] = 0
-    module.sample(3)  # p alone: its own draws, never the record's
-    assert calls[0] == module.num_steps
+    with guide_model_pair():
+        poutine.trace(module.guide).get_trace(*inputs)
+        assert len(module._path._steps) == module.num_steps
+        twin = copy.deepcopy(module)  # a recorded path holds non-leaf tensors, which deepcopy refuses
+        assert twin._path._steps == []
+        assert pickle.loads(pickle.dumps(module._path))._steps == []
+        calls[0] = 0
+        module.sample(3)  # p alone, another batch size: its own draws, never the record's
+        assert calls[0] == module.num_steps
+    # The open-loop DRAW generator's constant initial state is not shared: another batch size samples.
+    draw, (x,) = _case("draw-open-loop")
+    with guide_model_pair():
+        poutine.trace(draw.guide).get_trace(x)
+        assert draw.sample(3).shape == (3, 784)
+        assert draw.model(None, num_samples=2).shape[1] == 2
