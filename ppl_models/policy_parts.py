@@ -169,9 +169,9 @@ _SCOPES: list[list[SharedPath]] = []
 
 @contextlib.contextmanager
 def shared_paths(enabled: bool) -> Iterator[None]:
-    """Within the block, the model's replay takes p's writer path from the guide (``True``, the default
-    everywhere) or computes it again as a separate roll-out (``False``: the two programs' plain cost, for a
-    benchmark or a check)."""
+    """Within the block, the model's replay takes p's writer path from the guide inside each
+    :func:`guide_model_pair` (``True``, the default) or computes it again as a separate roll-out
+    (``False``: the two programs' plain cost, for a benchmark or a check)."""
     before, _SHARING[0] = _SHARING[0], bool(enabled)
     try:
         yield
