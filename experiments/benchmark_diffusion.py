@@ -70,6 +70,7 @@ from experiments.benchmark_gpsi import (
     environment,
     environment_sentence,
     paired_ratio,
+    refuse_existing,
     summarise,
     time_interleaved,
 )
@@ -446,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         pyro.enable_validation(False)
     losses = LOSSES if args.loss == "both" else (args.loss,)
     out = Path(args.out or f"{DEFAULT_OUT}-{args.preset}")
+    refuse_existing(parser, out, args.force)
     try:
         run(config, losses, args.batch_size or config["train_gaussian"]["batch_size"], args.data, device,
             args.repeats, args.warmup, config["seed"] if args.seed is None else args.seed, args.data_dir, out,

@@ -81,8 +81,10 @@ RANDOM_SHAPE = IMAGE_SHAPES["fashion-mnist"]  # Fashion-MNIST-shaped random data
 VARIANTS = {
     "svi": ("step", "(a) Pyro SVI.step: PathwiseKL_ELBO + pyro.optim.Adam"),
     "pyro-diff": ("step", "(b) PathwiseKL_ELBO.differentiable_loss + backward + torch.optim.Adam"),
-    "handwritten": ("step", "(c) handwritten_gpsi_loss (two roll-outs, as Pyro) + backward + torch Adam"),
-    "handwritten-1pass": ("step", "(d) handwritten_gpsi_loss(one_pass=True) + backward + torch.optim.Adam"),
+    "handwritten": ("step", "(c) handwritten_gpsi_loss (two roll-outs: ω twice per step, as Pyro's "
+                    "model/guide pair did before the model took the guide's path) + backward + torch Adam"),
+    "handwritten-1pass": ("step", "(d) handwritten_gpsi_loss(one_pass=True) (ω once per step, as Pyro's pair "
+                          "does with ppl_models.policy_parts.SharedPath) + backward + torch.optim.Adam"),
     "pyro-forward": ("forward", "forward only: PathwiseKL_ELBO.differentiable_loss (of (a) and (b))"),
     "handwritten-forward": ("forward", "forward only: handwritten_gpsi_loss (of (c))"),
     "handwritten-1pass-forward": ("forward", "forward only: handwritten_gpsi_loss(one_pass=True) (of (d))"),
@@ -127,10 +129,11 @@ def handwritten_gpsi_loss(
     :param gpsi: the module whose networks (``q_net``, ``p_net``, ``omega``, ``c0``) are used.
     :param x: binary data, shape (B, D).
     :param mask: 1 = known, 0 = missing, shape (B, D) or (D,).
-    :param one_pass: ``False`` (default) evaluates the networks as Pyro's model/guide pair does: the mask is
+    :param one_pass: ``False`` (default) evaluates the networks as two separate programs: the mask is
         validated by each, q and ω roll out the guide path, then p and ω are evaluated again along the model
         path rebuilt from the same z. ``True`` evaluates p on the guide's canvases (ω once per step): the same
-        number, less work.
+        number, less work, which is what the Pyro pair does since its model takes the guide's canvases
+        (:class:`ppl_models.policy_parts.SharedPath`).
     :returns: a 0-dim tensor, −ELBO summed over the batch.
     """
     mask_q = validate_mask(mask, x, is_validation_enabled()).to(x.dtype)
@@ -441,8 +444,16 @@ def add_timing_args(parser: argparse.ArgumentParser) -> None:
                         help="directory with the Fashion-MNIST IDX .gz files (default: "
                         "$SEQGEN_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--no-validation", action="store_true",
-                        help="switch off Pyro's and torch.distributions' argument validation (on by default, "
-                        "as in training)")
+                        help="switch off Pyro's and torch.distributions' argument validation (on by default "
+                        "here; the training step runs with it off unless an experiment gets --validate)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing benchmark in --out")
+
+
+def refuse_existing(parser: argparse.ArgumentParser, out: Path, force: bool) -> None:
+    """A usage error where ``out`` already holds a benchmark and ``force`` is not given: no run overwrites
+    another's results."""
+    if (out / "benchmark.json").exists() and not force:
+        parser.error(f"{out / 'benchmark.json'} exists: --force overwrites it, or choose another --out")
 
 
 def device_and_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
@@ -502,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_validation:
         pyro.enable_validation(False)
     out = Path(args.out or f"{DEFAULT_OUT}/{args.preset}")
+    refuse_existing(parser, out, args.force)
     try:
         run(config, args.method, mask_spec, args.batch_size or config["train"]["batch_size"], args.data,
             device, args.repeats, args.warmup, config["seed"] if args.seed is None else args.seed,

@@ -66,3 +66,8 @@ def test_benchmark_main_writes_ratios(tmp_path, capsys) -> None:
     assert result["loss_check"]["abs_diff"] < 1e-3 * abs(result["loss_check"]["pyro"])
     md = (out / "benchmark.md").read_text()
     assert "ratio to hand-written" in md and md in capsys.readouterr().out
+    # A second run into the same --out is refused unless --force.
+    with pytest.raises(SystemExit):
+        benchmark_gpsi.main(argv)
+    assert "--force overwrites it" in capsys.readouterr().err
+    assert benchmark_gpsi.main([*argv, "--force"]) == 0
