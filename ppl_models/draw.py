@@ -171,7 +171,6 @@ class DRAWGenerator(ModelGuidePair):
             writer, canvas = path.step(z, writer_step, self.writer, self.write, z, writer, canvas,
                                        self.update)
             canvases.append(canvas)
-        path.end()
         return canvases
 
     # ---------------------------------------------------------------------------------- Pyro programs

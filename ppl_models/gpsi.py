@@ -105,7 +105,6 @@ class GPSI(ImputationPolicy):
             z = pyro.sample(f"z_{t}", diag_normal(params))
             canvas = path.step(z, self._write, canvas, z)
             canvases.append(canvas)
-        path.end()
         return canvases
 
 

@@ -119,7 +119,6 @@ class LSTMImputer(ImputationPolicy):
             writer, canvas = path.step(z, writer_step, self.writer, self.write, z, writer, canvas,
                                        self.update)
             canvases.append(canvas)
-        path.end()
         return canvases
 
 

@@ -255,10 +255,6 @@ class SharedPath:
             self._mode = "off"  # the paths diverged: every later step depends on this one
         return compute(*args)
 
-    def end(self) -> None:
-        """The end of a roll-out (the record stays until its scope ends)."""
-        self._mode = "off"
-
     def __deepcopy__(self, memo: dict[int, Any]) -> SharedPath:
         return SharedPath()
 
