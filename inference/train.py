@@ -612,15 +612,14 @@ class Trainer:
         None rather than zeros (torch's zero_grad(set_to_none=True)), so that a parameter a later step does
         not reach (a temperature level's own normalisation) is not moved by Adam's momentum, in a resumed run
         as in an uninterrupted one."""
-        store = pyro.get_param_store()
+        ordered = _in_store_order(params)
         if self.world_size > 1 and not self.data_parallel:
             # Summed over processes in one order on all of them (their shards' gradients add up to the
             # minibatch's); a parameter no process reached keeps no gradient.
-            distributed.all_reduce_gradients(sorted(params, key=lambda p: store.param_name(p) or ""))
-        reached = [p for p in params if p.grad is not None]
+            distributed.all_reduce_gradients(ordered)
+        reached = [p for p in ordered if p.grad is not None]
         if self.clip_norm is not None:
             # A fixed order keeps the float reduction inside clip_grad_norm_ reproducible across runs.
-            reached.sort(key=lambda p: store.param_name(p) or "")
             torch.nn.utils.clip_grad_norm_(reached, self.clip_norm)
         self.pyro_optim(reached)
         for p in reached:
@@ -690,9 +689,7 @@ class Trainer:
         :meth:`_clip_and_step`), so that both modes sum the gradient norm in one order and, with
         :class:`inference.optim.ClippedAdam`, take bit-identical steps on the CPU."""
         if self._clip_params is None:
-            store = pyro.get_param_store()
-            named = [(store.param_name(p) or name, p) for name, p in self.module.named_parameters()]
-            self._clip_params = [p for _, p in sorted(named, key=lambda item: item[0])]
+            self._clip_params = _in_store_order(self.module.parameters())
         return self._clip_params
 
     def _graph_step(self, args: tuple, epoch: int) -> tuple[float, dict[str, float]]:
@@ -1045,6 +1042,13 @@ def _reset_pyro_optim(optim: PyroOptim) -> None:
     optim.optim_objs.clear()
     optim.grad_clip.clear()
     optim._state_waiting_to_be_consumed.clear()
+
+
+def _in_store_order(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """``params`` sorted by their names in Pyro's param store (unregistered ones first, in their order): one
+    fixed order for every float reduction over them (the gradient norm, the all-reduce)."""
+    store = pyro.get_param_store()
+    return sorted(params, key=lambda p: store.param_name(p) or "")
 
 
 def _extra_name(extra: ExtraTerm) -> str:
