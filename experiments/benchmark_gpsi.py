@@ -449,11 +449,13 @@ def add_timing_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an existing benchmark in --out")
 
 
-def refuse_existing(parser: argparse.ArgumentParser, out: Path, force: bool) -> None:
+def refuse_existing(parser: argparse.ArgumentParser, out: Path, force: bool, resumable: bool = False) -> None:
     """A usage error where ``out`` already holds a benchmark and ``force`` is not given: no run overwrites
-    another's results."""
+    another's results. ``resumable``: the benchmark has ``--resume``, which the message offers too."""
     if (out / "benchmark.json").exists() and not force:
-        parser.error(f"{out / 'benchmark.json'} exists: --force overwrites it, or choose another --out")
+        resume = "--resume continues it (the models not yet timed), " if resumable else ""
+        parser.error(f"{out / 'benchmark.json'} exists: {resume}--force overwrites it, or choose another "
+                     "--out")
 
 
 def device_and_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:

@@ -87,6 +87,7 @@ from experiments.benchmark_gpsi import (
     environment,
     environment_sentence,
     handwritten_gpsi_loss,
+    refuse_existing,
     summarise,
     time_interleaved,
 )
@@ -398,7 +399,7 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
     case = build_case(name, sizes, batch_size, device, seed)
     check = loss_check(case, seed)
     compiled, compile_s = None, None
-    if "handwritten-compiled" in variants or "svi-novalid-compiled-nets" in variants:
+    if any(v in variants for v in COMPILED_VARIANTS):
         torch._dynamo.reset()
         compiled = torch.compile(case.handwritten)
         with pyro.validation_enabled(False):  # as the timed calls run it (no recompilation for the switch)
@@ -436,17 +437,17 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
 
 
 class BenchmarkExists(Exception):
-    """``--out`` holds a benchmark that this run may not overwrite, or may not continue with its options."""
+    """``--out`` holds a benchmark that this run may not continue with its options."""
 
 
 def run(models: tuple[str, ...], sizes: str, batch_size: int, device: str, repeats: int, warmup: int,
         seed: int, out: Path, variants: tuple[str, ...] = tuple(VARIANTS), command: str | None = None,
-        progress: bool = True, resume: bool = False, force: bool = False) -> dict[str, Any]:
+        progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Benchmark every model in turn and write benchmark.json and benchmark.md after each, so a run stopped
     by a time limit keeps the models it finished (``"complete": false`` until the last). ``resume``
     continues such a run in ``out``: the models already timed are kept, the others are timed with the same
-    settings (the machine may differ: each model's row names its own ``environment``). Without ``resume``
-    or ``force`` an existing benchmark in ``out`` is not overwritten."""
+    settings (the machine may differ: each model's row names its own ``environment``); without it a
+    benchmark in ``out`` is overwritten (the command line refuses that without ``--force``)."""
     from tqdm.auto import tqdm
 
     dev = torch.device(device)
@@ -455,23 +456,24 @@ def run(models: tuple[str, ...], sizes: str, batch_size: int, device: str, repea
                 "seed": seed, "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
                 "variants_requested": [v for v in VARIANTS if v in variants], "device_type": dev.type}
     load_before = _load_average()
-    rows, wall_before = _earlier_rows(out, settings, resume, force)
+    rows, wall_before = _earlier_rows(out, settings) if resume else ([], 0.0)
     done = {r["model"] for r in rows}
     t0 = time.time()
-    result: dict[str, Any] = {}
+
+    def report() -> dict[str, Any]:
+        result = _result(rows, models, settings, load_before, wall_before + time.time() - t0)
+        out.mkdir(parents=True, exist_ok=True)
+        write_report(out, "benchmark", result, render_markdown(result), command=command)
+        return result
+
+    result = None
     for m in tqdm([m for m in models if m not in done], desc="models", disable=not progress):
         load = _load_average()
         rows.append({**bench_model(m, sizes, batch_size, dev, seed, repeats, warmup, variants),
                      "load_average_before": load})
         rows.sort(key=lambda r: models.index(r["model"]))
-        result = _result(rows, models, settings, load_before, wall_before + time.time() - t0)
-        out.mkdir(parents=True, exist_ok=True)
-        write_report(out, "benchmark", result, render_markdown(result), command=command)
-    if not result:  # nothing left to time: the page is rewritten as it was, for the models asked for
-        result = _result(rows, models, settings, load_before, wall_before)
-        out.mkdir(parents=True, exist_ok=True)
-        write_report(out, "benchmark", result, render_markdown(result), command=command)
-    return result
+        result = report()
+    return result or report()  # nothing left to time: the earlier page, rewritten as it was
 
 
 def _result(rows: list[dict[str, Any]], models: tuple[str, ...], settings: dict[str, Any],
@@ -496,16 +498,12 @@ def _result(rows: list[dict[str, Any]], models: tuple[str, ...], settings: dict[
     }
 
 
-def _earlier_rows(out: Path, settings: dict[str, Any], resume: bool,
-                  force: bool) -> tuple[list[dict[str, Any]], float]:
-    """The finished rows and wall seconds of the benchmark in ``out`` that ``resume`` continues (none where
-    there is no benchmark, or ``force`` without ``resume``)."""
+def _earlier_rows(out: Path, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+    """The finished rows and wall seconds of the benchmark in ``out`` that a resume continues (none where
+    there is none yet)."""
     path = out / "benchmark.json"
-    if not path.exists() or (force and not resume):
+    if not path.exists():
         return [], 0.0
-    if not resume:
-        raise BenchmarkExists(f"{path} exists: --resume continues it (the models not yet timed), --force "
-                              "overwrites it, or choose another --out")
     earlier = json.loads(path.read_text())
     differ = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != v}
     if differ:
@@ -646,9 +644,11 @@ def main(argv: list[str] | None = None) -> int:
         variants = tuple(v for v in variants if v not in COMPILED_VARIANTS)
     device = device_and_threads(parser, args)
     out = Path(args.out or f"{DEFAULT_OUT}/{args.sizes}")
+    if not args.resume:
+        refuse_existing(parser, out, args.force, resumable=True)
     try:
         run(models, args.sizes, args.batch_size, device, args.repeats, args.warmup, args.seed, out,
-            variants, progress=not args.no_progress, resume=args.resume, force=args.force,
+            variants, progress=not args.no_progress, resume=args.resume,
             command=reproduce_command("experiments.benchmark_steps", sys.argv[1:] if argv is None else argv,
                                       out, device))
     except BenchmarkExists as e:
