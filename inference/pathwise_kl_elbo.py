@@ -70,12 +70,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from pyro import poutine
 from pyro.distributions import MaskedDistribution
+from pyro.distributions.distribution import Distribution
+from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.trace_elbo import Trace_ELBO
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled, torch_item
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import warn_if_nan
 from torch.distributions import Independent, kl_divergence
 
@@ -149,6 +153,36 @@ def analytic_kl(model_site: dict, guide_site: dict) -> torch.Tensor | None:
     if not torch.is_tensor(kl):  # a constant KL (e.g. identical fixed distributions)
         kl = torch.full(guide_site["fn"].batch_shape, float(kl))
     return scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
+
+
+#: Pyro's ``score_parts`` implementations whose score function is identically 0 when ``has_rsample`` holds at
+#: every level: the default one, and the mask and expand wrappers', which defer to their base distribution.
+_DEFAULT_SCORE_PARTS = (
+    Distribution.score_parts, MaskedDistribution.score_parts, ExpandedDistribution.score_parts)
+_WRAPPERS = (MaskedDistribution, ExpandedDistribution, Independent)
+
+
+def no_score_function(fn) -> bool:
+    """Whether Pyro's ``fn.score_parts`` has a score function that is identically 0, decided without
+    computing it: ``rsample`` at every level of mask, expand and independent wrappers, down to a distribution
+    with Pyro's default ``score_parts``. ``False`` where unsure (a partially reparameterised distribution with
+    its own ``score_parts``, such as ``pyro.distributions.Rejector``), which only costs a density."""
+    while fn.has_rsample and type(fn).score_parts in _DEFAULT_SCORE_PARTS:
+        if not isinstance(fn, _WRAPPERS):
+            return True
+        fn = fn.base_dist
+    return False
+
+
+def compute_densities(model_trace: Trace, guide_trace: Trace, skip: frozenset[str] = frozenset()) -> None:
+    """Pyro's densities of every sample site but those named in ``skip``: ``log_prob`` in the model trace,
+    ``score_parts`` (hence ``log_prob``) in the guide trace, as ``pyro.infer.enum.get_importance_trace``
+    computes them (with Pyro's own code, its error messages and NaN checks). Memoised per site, so a site
+    computed already is left as it is and a later call without ``skip`` completes the traces."""
+    model_trace.compute_log_prob(site_filter=lambda name, site: name not in skip)
+    view = Trace(graph_type=guide_trace.graph_type)  # the guide's sites but the skipped (the same dicts)
+    view.nodes.update((name, site) for name, site in guide_trace.nodes.items() if name not in skip)
+    view.compute_score_parts()
 
 
 def _sample_names(trace: Trace, latent_only: bool) -> tuple[str, ...]:
@@ -311,6 +345,18 @@ class PathwiseKL_ELBO(Trace_ELBO):
         Values and surrogates keep the site's batch shape; a surrogate may be the number 0.
         """
         late, missing = self._structure(model_trace, guide_trace)
+        decided = {  # (kind, analytic KL or None) of every model latent the guide samples
+            # Only a site that would have been analytic is flagged (once; always when strict).
+            name: self._decide(site, guide_trace.nodes[name], late[name],
+                               check_late=self.strict or name not in self._warned)
+            for name, site in model_trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and name not in missing
+        }
+        # An analytic site's densities enter neither the value nor the gradient where its guide site has no
+        # score function (no cost to multiply), so they are not computed.
+        compute_densities(model_trace, guide_trace, frozenset(
+            name for name, (_, kl) in decided.items()
+            if kl is not None and no_score_function(guide_trace.nodes[name]["fn"])))
         for name, model_site in model_trace.nodes.items():
             if model_site["type"] != "sample":
                 continue
@@ -322,14 +368,12 @@ class PathwiseKL_ELBO(Trace_ELBO):
                 yield f"kl/{name}", model_site["log_prob"], model_site["log_prob"], False
                 continue
             guide_site = guide_trace.nodes[name]
-            # Only a site that would have been analytic is flagged (once; always when strict).
-            kind, kl = self._decide(model_site, guide_site, late[name],
-                                    check_late=self.strict or name not in self._warned)
+            kind, kl = decided[name]
             if kind == "late":
                 self._flag(name, self._late_message(name, late[name]))
             if kl is not None:
-                kl = self._analytic_term(name, kl, guide_site)
-                yield f"kl/{name}", -kl, -kl, True
+                term = -self._analytic_term(name, kl, guide_site)
+                yield f"kl/{name}", term, term, True
             else:
                 # Value: the sampled log-ratio. Surrogate: as Trace_ELBO, the guide enters through its
                 # entropy term (log q if reparameterised, 0 if the score function carries it).
@@ -361,19 +405,21 @@ class PathwiseKL_ELBO(Trace_ELBO):
         elbo = surrogate = 0.0
         analytic_sites = set()
         for key, value, surr, is_analytic in self._terms(model_trace, guide_trace):
-            elbo = elbo + value.sum()
-            surrogate = surrogate + _sum(surr)
+            total = value.sum()
+            elbo = elbo + total
+            surrogate = surrogate + (total if surr is value else _sum(surr))
             if is_analytic:
                 analytic_sites.add(key[3:])
 
         log_r = None
         for name, site in guide_trace.nodes.items():
-            if site["type"] != "sample":
+            if site["type"] != "sample" or "score_parts" not in site:  # skipped: no score function
                 continue
             score = site["score_parts"].score_function
             if is_identically_zero(score):
                 continue
             if log_r is None:
+                compute_densities(model_trace, guide_trace)  # the costs read every site's density
                 log_r = _log_r(model_trace, guide_trace)
             cost = log_r.sum_to(site["cond_indep_stack"])
             if name in analytic_sites:
@@ -385,10 +431,18 @@ class PathwiseKL_ELBO(Trace_ELBO):
         return elbo, -surrogate
 
     def _get_trace(self, model, guide, args, kwargs):
-        # One guide run and the model's replay of it: the model takes p's writer path from the guide
-        # instead of computing it again (ppl_models.policy_parts.SharedPath).
+        """One guide run and the model's replay of it. The model takes p's writer path from the guide
+        instead of computing it again (:class:`ppl_models.policy_parts.SharedPath`). The sites' densities
+        are left to :meth:`_terms`, which computes those the estimator reads (:func:`compute_densities`);
+        with Pyro's validation on (its checks read every density) or a ``GuideMessenger`` guide, this is
+        Trace_ELBO's own trace, every density computed."""
         with guide_model_pair():
-            return super()._get_trace(model, guide, args, kwargs)
+            if is_validation_enabled() or isinstance(poutine.unwrap(guide), Messenger):
+                return super()._get_trace(model, guide, args, kwargs)
+            guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace),
+                                        graph_type="flat").get_trace(*args, **kwargs)
+        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The negative ELBO as a tensor whose gradient is the surrogate's, as
@@ -397,10 +451,12 @@ class PathwiseKL_ELBO(Trace_ELBO):
         stalls the step until the device has caught up, and which a CUDA graph cannot capture. The NaN
         check runs while Pyro's validation is enabled; the Trainer checks the loss it steps on anyway."""
         loss = surrogate = 0.0
+        n = self.num_particles
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             elbo, surrogate_particle = self._particle(model_trace, guide_trace)
-            loss = loss - elbo / self.num_particles
-            surrogate = surrogate + surrogate_particle / self.num_particles
+            # One particle: no division (each operation is a kernel launch in a launch-bound GPU step).
+            loss = loss - (elbo if n == 1 else elbo / n)
+            surrogate = surrogate + (surrogate_particle if n == 1 else surrogate_particle / n)
         if not torch.is_tensor(surrogate):  # nothing depends on a parameter
             surrogate = torch.as_tensor(surrogate)
         if is_validation_enabled():
