@@ -43,6 +43,11 @@ gradients cleared):
   instead of taking the guide's (:func:`ppl_models.policy_parts.shared_paths`): what
   :class:`ppl_models.policy_parts.SharedPath` saves, in the same run (the VAE and diffusion have no such
   path: there it is ``fused`` again);
+- ``svi-novalid-unshared``: ``svi-novalid`` (the default training step) with the path not shared, as
+  ``fused-unshared``: the shared path's saving in the SVI step;
+- ``fused-every-density``: ``fused`` with the objective computing every site's density, as Trace_ELBO does
+  (``PathwiseKL_ELBO(every_density=True)``), instead of only those its estimator reads: what that saves, in
+  the same run (diffusion's objective has no traces: there it is ``fused`` again);
 - ``cuda-graph`` (CUDA only): the ``fused`` step captured in CUDA graphs (:mod:`inference.cuda_graph`,
   ``--step cuda-graph``); its warm-up steps and capture are timed apart.
 
@@ -121,6 +126,10 @@ VARIANTS = {
              "with --step fused",
     "fused-unshared": "the fused step with the model computing p's writer path again along the guide's draws "
                       "(ppl_models.policy_parts.shared_paths(False)): the two programs' plain cost",
+    "svi-novalid-unshared": "the default training step (svi-novalid) with the model computing p's writer "
+                            "path again, as in fused-unshared",
+    "fused-every-density": "the fused step with the objective computing every site's density as Trace_ELBO "
+                           "does (PathwiseKL_ELBO(every_density=True)) instead of only those it reads",
     "handwritten": "hand-written loss (same computation) + backward + torch Adam, eager, validation off",
     "handwritten-compiled": "the hand-written loss through torch.compile + backward + torch Adam, validation "
                             "off",
@@ -314,9 +323,13 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
     opts = {k: torch.optim.Adam(m.parameters(), lr=LR) for k in VARIANTS}
     fused_opt = ClippedAdam(m.parameters(), lr=LR, betas=(0.9, 0.999), clip_norm=1e12)
 
-    def fused_step() -> float:
+    # Trace_ELBO's densities, all of them: PathwiseKL_ELBO's option; another objective's step is unchanged.
+    every_density = (type(case.objective)(every_density=True) if isinstance(case.objective, PathwiseKL_ELBO)
+                     else case.objective)
+
+    def fused_step(objective: Any = case.objective) -> float:
         with pyro.validation_enabled(False):
-            loss = pyro_loss()
+            loss = objective.differentiable_loss(m.model, m.guide, *args)
             loss.backward()
             value = float(loss.detach())  # the Trainer reads the loss back before the update
             fused_opt.step()
@@ -326,6 +339,10 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
     def fused_unshared_step() -> float:
         with shared_paths(False):
             return fused_step()
+
+    def svi_novalid_unshared_step() -> float:
+        with shared_paths(False):
+            return svi_step_novalid()
 
     def step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> torch.Tensor:
         loss = loss_fn()
@@ -354,6 +371,8 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
         "handwritten": lambda: step(lambda: floor(case.handwritten), opts["handwritten"]),
         "fused": fused_step,
         "fused-unshared": fused_unshared_step,
+        "svi-novalid-unshared": svi_novalid_unshared_step,
+        "fused-every-density": lambda: fused_step(every_density),
     }
     if case.inputs[0].is_cuda:
         graphed = GraphedStep(lambda *a: case.objective.differentiable_loss(m.model, m.guide, *a),

@@ -251,12 +251,17 @@ class PathwiseKL_ELBO(Trace_ELBO):
         :class:`~pyro.infer.Trace_ELBO` value with this class's code path, useful for comparisons.
     :param bool strict: raise :class:`PathwiseKLValidityError` instead of warning, where a registered KL
         fails the validity condition or a model latent has no guide site.
+    :param bool every_density: compute every site's density, as Trace_ELBO does, instead of only those the
+        estimator reads (:meth:`_get_trace`). The value and gradients are the same; it costs time, and
+        exists to measure that in a benchmark.
     """
 
-    def __init__(self, *args, analytic: bool = True, strict: bool = False, **kwargs) -> None:
+    def __init__(self, *args, analytic: bool = True, strict: bool = False, every_density: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.analytic = analytic
         self.strict = strict
+        self.every_density = every_density
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ the validity condition
@@ -434,10 +439,10 @@ class PathwiseKL_ELBO(Trace_ELBO):
         """One guide run and the model's replay of it. The model takes p's writer path from the guide
         instead of computing it again (:class:`ppl_models.policy_parts.SharedPath`). The sites' densities
         are left to :meth:`_terms`, which computes those the estimator reads (:func:`compute_densities`);
-        with Pyro's validation on (its checks read every density) or a ``GuideMessenger`` guide, this is
-        Trace_ELBO's own trace, every density computed."""
+        with Pyro's validation on (its checks read every density), a ``GuideMessenger`` guide or
+        ``every_density=True``, this is Trace_ELBO's own trace, every density computed."""
         with guide_model_pair():
-            if is_validation_enabled() or isinstance(poutine.unwrap(guide), Messenger):
+            if self.every_density or is_validation_enabled() or isinstance(poutine.unwrap(guide), Messenger):
                 return super()._get_trace(model, guide, args, kwargs)
             guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace),

@@ -161,6 +161,14 @@ def test_analytic_reparameterised_sites_get_no_density(validation):
     validation(False)
     x = torch.tensor([0.3, -1.2])
     w = torch.tensor([0.8, 0.5, 0.6])
+    every = PathwiseKL_ELBO(every_density=True)  # Trace_ELBO's trace, for a benchmark: all computed
+    model_trace, guide_trace = next(iter(every._get_traces(_chain_model, _chain_guide, (x, w), {})))
+    assert all("log_prob" in s for s in model_trace.nodes.values() if s["type"] == "sample")
+    assert all("score_parts" in s for s in guide_trace.nodes.values() if s["type"] == "sample")
+    torch.testing.assert_close(
+        _value_and_grads(every, _chain_model, _chain_guide, (x, w.requires_grad_()), [w]),
+        _value_and_grads(PathwiseKL_ELBO(), _chain_model, _chain_guide, (x, w), [w]), rtol=0, atol=0)
+    w = w.detach()
     elbo = PathwiseKL_ELBO()
     for guide, computed in ((_chain_guide, {"x"}),
                             # a score function: its cost reads every density
