@@ -405,7 +405,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "Where the overhead goes (medians of per-round differences): (b) − (c) = "
         f"{a['step_overhead_ms']:.2f} ms per step, of which {a['forward_overhead_ms']:.2f} ms in the "
-        "forward (tracing, replay, per-site log-probs and bookkeeping) and "
+        "forward (tracing, replay, site densities and bookkeeping) and "
         f"{a['backward_and_optimiser_overhead_ms']:.2f} ms in backward + optimiser (the remainder of two "
         "noisy numbers: read it only when it is large against the IQRs); SVI.step adds "
         f"{a['svi_over_differentiable_ms']:.2f} ms over (b) (param capture, per-parameter Pyro optimisers, "

@@ -59,6 +59,11 @@ step. Speed is a ratio measured in one run; absolute times only count from a GPU
     python -m experiments.benchmark_steps --device cpu --batch-size 16 --out results/benchmark-steps-cpu
     python -m experiments.benchmark_steps --device cuda --batch-size 200 --out results/benchmark-steps-gpu
 
+Besides the times, each model's row counts the operations of one loss and its backward
+(:func:`operation_counts`, :data:`OPERATION_COUNTS`): the ATen operations that compute, views left out, on a
+GPU about one kernel launch each. A launch-bound GPU step's overhead is in that count, which any machine can
+take, and which is the same on every run.
+
 Outputs in ``--out``: benchmark.json (every time in ms, sizes, the environment) and benchmark.md, written
 after each model: a run stopped by a time limit keeps the models it finished, marked incomplete, and
 ``--resume`` times the rest with the same options (for a GPU lent for a few minutes per call). A
@@ -103,6 +108,7 @@ from experiments.report import markdown_table, reproduce_command, write_report
 from inference.compiled import is_network
 from inference.cuda_graph import GraphedStep
 from inference.diffusion_simple import SimpleDiffusionLoss
+from inference.op_count import count_operations
 from inference.optim import ClippedAdam
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.draw import DRAWGenerator
@@ -402,6 +408,45 @@ def loss_check(case: Case, seed: int) -> dict[str, float]:
     return {"pyro": p, "handwritten": h, "rel_diff": abs(p - h) / max(abs(p), 1e-30)}
 
 
+#: The losses whose operations :func:`operation_counts` counts (forward and backward, no optimiser, whose
+#: kernels differ by device), with what each is.
+OPERATION_COUNTS = {
+    "handwritten": "the hand-written loss",
+    "objective": "the objective's differentiable_loss, validation off: the training step's loss",
+    "every-density": "the same computing every site's density, as Trace_ELBO does (every_density=True)",
+    "unshared": "the same with the model computing p's writer path again (shared_paths(False))",
+    "validation-on": "the objective's loss with Pyro's validation on",
+}
+
+
+def operation_counts(case: Case, seed: int) -> dict[str, int]:
+    """The ATen operations that compute (views left out; :func:`inference.op_count.count_operations`) in one
+    loss and its backward, per entry of :data:`OPERATION_COUNTS`: on a GPU about one kernel launch each, so
+    the launch overhead of a launch-bound step, counted on any machine. Deterministic: the same on every
+    run of the same code, sizes and device type."""
+    m, args = case.module, case.inputs
+    # every_density is PathwiseKL_ELBO's option; an objective without traces computes no densities anyway.
+    every = (type(case.objective)(every_density=True) if isinstance(case.objective, PathwiseKL_ELBO)
+             else case.objective)
+
+    def objective(o: Any) -> Callable[[], torch.Tensor]:
+        return lambda: o.differentiable_loss(m.model, m.guide, *args)
+
+    losses = {"handwritten": (lambda: case.handwritten(m, *args), False, True),
+              "objective": (objective(case.objective), False, True),
+              "every-density": (objective(every), False, True),
+              "unshared": (objective(case.objective), False, False),
+              "validation-on": (objective(case.objective), True, True)}
+    out = {}
+    for key, (loss, validate, shared) in losses.items():
+        torch.manual_seed(seed)
+        with pyro.validation_enabled(validate), shared_paths(shared):
+            _, counts = count_operations(lambda f: f().backward(), loss)
+        m.zero_grad(set_to_none=True)
+        out[key] = sum(counts.values())
+    return out
+
+
 def _seconds(call: Callable[[], Any], device: torch.device) -> float:
     """Wall-clock seconds of one call (a first, compiling call), the device synchronised before reading."""
     t0 = time.perf_counter()
@@ -417,6 +462,7 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
     error recorded (``cuda_graph_error``), so the other variants' times still come back."""
     case = build_case(name, sizes, batch_size, device, seed)
     check = loss_check(case, seed)
+    operations = operation_counts(case, seed)
     compiled, compile_s = None, None
     if any(v in variants for v in COMPILED_VARIANTS):
         torch._dynamo.reset()
@@ -446,7 +492,8 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
         "model": name, "sizes_preset": sizes, "sizes": case.sizes, "batch_size": batch_size,
         "objective": type(case.objective).__name__,
         "parameters": sum(p.numel() for p in params),
-        "loss_check": check, "compile_seconds": compile_s, "compile_nets_seconds": nets_s,
+        "loss_check": check, "operations": operations,
+        "compile_seconds": compile_s, "compile_nets_seconds": nets_s,
         "cuda_graph_first_calls_seconds": graph_s, "cuda_graph_error": graph_error,
         "environment": environment(device),
         "variants": stats,
@@ -535,6 +582,28 @@ def _earlier_rows(out: Path, settings: dict[str, Any]) -> tuple[list[dict[str, A
     return earlier["models"], float(earlier.get("wall_seconds", 0.0))
 
 
+def _operations_section(r: dict[str, Any]) -> list[str]:
+    """The operation counts' table (rows of pages written before they were counted have none)."""
+    counted = [m for m in r["models"] if m.get("operations")]
+    if not counted:
+        return []
+    rows = []
+    for m in counted:
+        ops, base = m["operations"], m["operations"]["handwritten"]
+        rows.append([m["model"], *(f"{ops[k]:,}" + ("" if k == "handwritten" else f" ×{ops[k] / base:.3f}")
+                                   for k in OPERATION_COUNTS)])
+    return [
+        "**Operations per loss and backward** (counted, not timed: the ATen operations that compute, views "
+        "left out, forward and backward of one loss on this batch, no optimiser; on a GPU about one kernel "
+        "launch each, so a launch-bound step's overhead; the same on every run of this code on this device "
+        "type). ×: the ratio to the hand-written loss's count. "
+        + "; ".join(f"`{k}`: {v}" for k, v in OPERATION_COUNTS.items()) + ".",
+        "",
+        markdown_table(["model", *OPERATION_COUNTS], rows),
+        "",
+    ]
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     names = [k for k in VARIANTS if any(k in m["variants"] for m in r["models"])]
     graphs = "cuda-graph" in names
@@ -583,6 +652,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         *([*failed, ""] if failed else []),
         "Variants: " + "; ".join(f"`{k}`: {VARIANTS[k]}" for k in names) + ".",
         "",
+        *_operations_section(r),
         environment_sentence(r),
         *_machines_sentence(r),
         "",

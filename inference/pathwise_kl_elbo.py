@@ -56,6 +56,15 @@ that depends on the site's sample (Pyro's plate-aware downstream log-ratio, as i
 :class:`pyro.infer.Trace_ELBO`, minus the site's own term where its KL is analytic, since that term no
 longer depends on the sample).
 
+**Which densities are computed.** Pyro's Trace_ELBO computes log p and log q at every site before it sums.
+Here, with Pyro's validation off (the Trainer's training step), the traces are taken without densities and
+each is computed where a term reads it (:func:`compute_densities`, Pyro's own code per site): an analytic
+site whose guide distribution has no score function (``rsample`` at every level down to Pyro's default
+``score_parts``, :func:`no_score_function`) enters through its KL alone, so neither its log p nor its log q
+is computed, which in a sequential model is most of the sites; where any guide site has a score function,
+every density is computed, since its cost reads them all. With validation on (Pyro's checks read every
+density) it is Trace_ELBO's trace. Values and gradients are the same either way (float64 tests).
+
 Everything else behaves as :class:`pyro.infer.Trace_ELBO` does: guide-only sites (``infer={"is_auxiliary":
 True}``, ``pyro.factor`` with or without ``has_rsample``) enter with -log q and, without ``rsample``, a
 score-function term; a model latent the guide does not sample is drawn from the model's own conditional and
