@@ -85,7 +85,11 @@ VARIANTS = {
                     "model/guide pair did before the model took the guide's path) + backward + torch Adam"),
     "handwritten-1pass": ("step", "(d) handwritten_gpsi_loss(one_pass=True) (ω once per step, as Pyro's pair "
                           "does with ppl_models.policy_parts.SharedPath) + backward + torch.optim.Adam"),
+    "pyro-diff-every-density": ("step", "(b′) (b) with every site's density computed, as Trace_ELBO "
+                                "does (PathwiseKL_ELBO(every_density=True); with validation on, (b) does "
+                                "that too)"),
     "pyro-forward": ("forward", "forward only: PathwiseKL_ELBO.differentiable_loss (of (a) and (b))"),
+    "pyro-forward-every-density": ("forward", "forward only: the same with every density (of (b′))"),
     "handwritten-forward": ("forward", "forward only: handwritten_gpsi_loss (of (c))"),
     "handwritten-1pass-forward": ("forward", "forward only: handwritten_gpsi_loss(one_pass=True) (of (d))"),
 }
@@ -172,7 +176,9 @@ def make_actions(gpsi: GPSI, x: torch.Tensor, mask: torch.Tensor) -> dict[str, C
     elbo = PathwiseKL_ELBO()
     svi = pyro.infer.SVI(gpsi.model, gpsi.guide, pyro.optim.Adam({"lr": LR}), PathwiseKL_ELBO())
     # One torch optimiser per variant, so no variant inherits another's moment estimates' state layout.
-    opts = {k: torch.optim.Adam(gpsi.parameters(), lr=LR) for k in ("pyro-diff", "handwritten", "1pass")}
+    every = PathwiseKL_ELBO(every_density=True)
+    opts = {k: torch.optim.Adam(gpsi.parameters(), lr=LR)
+            for k in ("pyro-diff", "every", "handwritten", "1pass")}
 
     def torch_step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> torch.Tensor:
         loss = loss_fn()
@@ -183,6 +189,9 @@ def make_actions(gpsi: GPSI, x: torch.Tensor, mask: torch.Tensor) -> dict[str, C
 
     def pyro_loss() -> torch.Tensor:
         return elbo.differentiable_loss(gpsi.model, gpsi.guide, x, mask)
+
+    def every_density_loss() -> torch.Tensor:
+        return every.differentiable_loss(gpsi.model, gpsi.guide, x, mask)
 
     def hand_loss() -> torch.Tensor:
         return handwritten_gpsi_loss(gpsi, x, mask)
@@ -195,7 +204,9 @@ def make_actions(gpsi: GPSI, x: torch.Tensor, mask: torch.Tensor) -> dict[str, C
         "pyro-diff": lambda: torch_step(pyro_loss, opts["pyro-diff"]),
         "handwritten": lambda: torch_step(hand_loss, opts["handwritten"]),
         "handwritten-1pass": lambda: torch_step(one_pass_loss, opts["1pass"]),
+        "pyro-diff-every-density": lambda: torch_step(every_density_loss, opts["every"]),
         "pyro-forward": pyro_loss,
+        "pyro-forward-every-density": every_density_loss,
         "handwritten-forward": hand_loss,
         "handwritten-1pass-forward": one_pass_loss,
     }
@@ -331,6 +342,12 @@ def run(config: dict[str, Any], method: str, mask_spec: str, batch_size: int, da
         "svi_over_handwritten": paired_ratio(times["svi"], times["handwritten"]),
         "differentiable_over_handwritten": paired_ratio(times["pyro-diff"], times["handwritten"]),
         "forward_pyro_over_handwritten": paired_ratio(times["pyro-forward"], times["handwritten-forward"]),
+        "svi_over_one_pass": paired_ratio(times["svi"], times["handwritten-1pass"]),
+        "differentiable_over_one_pass": paired_ratio(times["pyro-diff"], times["handwritten-1pass"]),
+        "every_density_over_differentiable": paired_ratio(times["pyro-diff-every-density"],
+                                                          times["pyro-diff"]),
+        "forward_every_density_over_pyro": paired_ratio(times["pyro-forward-every-density"],
+                                                        times["pyro-forward"]),
     }
     # Where the step overhead of (b) over (c) goes: the forward difference, the rest is backward + optimiser.
     # Medians of per-round differences: both terms of a difference ran in the same round, under the same load.
@@ -374,6 +391,18 @@ def run(config: dict[str, Any], method: str, mask_spec: str, batch_size: int, da
     return result
 
 
+def _paired_extra(p: dict[str, Any]) -> str:
+    """The paired ratios added with the every-density variants (absent from pages written before)."""
+    if "every_density_over_differentiable" not in p:
+        return ""
+
+    def fmt(key: str) -> str:
+        return f"{p[key]['median']:.2f} ({p[key]['q1']:.2f}–{p[key]['q3']:.2f})"
+    return (f"; paired, (a)/(d) {fmt('svi_over_one_pass')}, (b)/(d) {fmt('differentiable_over_one_pass')}. "
+            f"Every density against those read (paired): step (b′)/(b) "
+            f"{fmt('every_density_over_differentiable')}, forward {fmt('forward_every_density_over_pyro')}")
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     rows = []
     for s in r["variants"].values():
@@ -401,7 +430,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{d['median']:.2f} ({d['q1']:.2f}–{d['q3']:.2f}), forward "
         f"{p['forward_pyro_over_handwritten']['median']:.2f}. Against the one-pass hand-written loss (d) "
         f"(Pyro's overhead plus the cost of evaluating p and q on separate model and guide paths): (a)/(d) "
-        f"{r['ratios']['svi_over_one_pass']:.2f}, (b)/(d) {r['ratios']['differentiable_over_one_pass']:.2f}.",
+        f"{r['ratios']['svi_over_one_pass']:.2f}, (b)/(d) {r['ratios']['differentiable_over_one_pass']:.2f}"
+        + _paired_extra(p) + ".",
         "",
         "Where the overhead goes (medians of per-round differences): (b) − (c) = "
         f"{a['step_overhead_ms']:.2f} ms per step, of which {a['forward_overhead_ms']:.2f} ms in the "
