@@ -21,13 +21,17 @@ step, gradients cleared):
 - (a) ``svi``: ``pyro.infer.SVI(model, guide, pyro.optim.Adam, PathwiseKL_ELBO()).step(x, mask)``;
 - (b) ``pyro-diff``: ``PathwiseKL_ELBO().differentiable_loss(model, guide, x, mask)``, backward,
   ``torch.optim.Adam``;
-- (c) ``handwritten``: :func:`handwritten_gpsi_loss`, backward, ``torch.optim.Adam``. By default it
-  evaluates the networks exactly as Pyro's model/guide pair does (the guide rolls out q and ω, then the
-  model, replayed on the guide's z, rolls out p and ω again), so the ratios (a)/(c) and (b)/(c) measure
-  Pyro's overhead only;
-- (d) ``handwritten-1pass`` (for reference): the same loss computed in one roll-out (p evaluated on the
-  guide's canvases, ω once per step), what a hand-written loss would naturally do; (d)/(c) is the cost of
-  the model/guide split itself, which is not Pyro bookkeeping.
+- (b′) ``pyro-diff-every-density``: (b) with ``PathwiseKL_ELBO(every_density=True)``, which computes every
+  site's density as Trace_ELBO does instead of only those its terms read (with validation on, (b) does too);
+- (e) ``fused``: (b) with one :class:`inference.optim.ClippedAdam` over all parameters and the loss read
+  back: the Trainer's ``--step fused``;
+- (c) ``handwritten``: :func:`handwritten_gpsi_loss`, backward, ``torch.optim.Adam``. It evaluates the
+  networks as two separate programs (the guide rolls out q and ω, then the model, on the guide's z, rolls
+  out p and ω again), as Pyro's model/guide pair did before its model took the guide's path
+  (:class:`ppl_models.policy_parts.SharedPath`);
+- (d) ``handwritten-1pass``: the same loss computed in one roll-out (p evaluated on the guide's canvases,
+  ω once per step), what a hand-written loss would naturally do and the computation Pyro's pair now does:
+  (a)/(d), (b)/(d) and (e)/(d) measure Pyro's overhead.
 
 and, to see where overhead goes, the forward loss alone (no backward) of the Pyro ELBO (shared by (a) and
 (b)), of (c) and of (d). Protocol: warm-up rounds, then ``--repeats`` rounds in which every variant runs once,
@@ -66,6 +70,7 @@ from experiments.common import (
 from experiments.config import load_preset, raw_presets
 from experiments.data import IMAGE_SHAPES, DataError, dynamic_binarize, load_dataset
 from experiments.report import markdown_table, reproduce_command, write_report
+from inference.optim import ClippedAdam
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from ppl_models.gpsi import GPSI
 from ppl_models.masks import make_mask_process, validate_mask
@@ -88,6 +93,9 @@ VARIANTS = {
     "pyro-diff-every-density": ("step", "(b′) (b) with every site's density computed, as Trace_ELBO "
                                 "does (PathwiseKL_ELBO(every_density=True); with validation on, (b) does "
                                 "that too)"),
+    "fused": ("step", "(e) the Trainer's --step fused: (b) with one inference.optim.ClippedAdam over all "
+              "parameters instead of torch's Adam, the loss read back (no gradient clip, as in every "
+              "variant)"),
     "pyro-forward": ("forward", "forward only: PathwiseKL_ELBO.differentiable_loss (of (a) and (b))"),
     "pyro-forward-every-density": ("forward", "forward only: the same with every density (of (b′))"),
     "handwritten-forward": ("forward", "forward only: handwritten_gpsi_loss (of (c))"),
@@ -190,6 +198,16 @@ def make_actions(gpsi: GPSI, x: torch.Tensor, mask: torch.Tensor) -> dict[str, C
     def pyro_loss() -> torch.Tensor:
         return elbo.differentiable_loss(gpsi.model, gpsi.guide, x, mask)
 
+    fused_opt = ClippedAdam(gpsi.parameters(), lr=LR, betas=(0.9, 0.999), clip_norm=1e12)
+
+    def fused_step() -> float:
+        loss = pyro_loss()
+        loss.backward()
+        value = float(loss.detach())  # the Trainer reads the loss back before the update
+        fused_opt.step()
+        fused_opt.zero_grad(set_to_none=True)
+        return value
+
     def every_density_loss() -> torch.Tensor:
         return every.differentiable_loss(gpsi.model, gpsi.guide, x, mask)
 
@@ -205,6 +223,7 @@ def make_actions(gpsi: GPSI, x: torch.Tensor, mask: torch.Tensor) -> dict[str, C
         "handwritten": lambda: torch_step(hand_loss, opts["handwritten"]),
         "handwritten-1pass": lambda: torch_step(one_pass_loss, opts["1pass"]),
         "pyro-diff-every-density": lambda: torch_step(every_density_loss, opts["every"]),
+        "fused": fused_step,
         "pyro-forward": pyro_loss,
         "pyro-forward-every-density": every_density_loss,
         "handwritten-forward": hand_loss,
@@ -344,6 +363,7 @@ def run(config: dict[str, Any], method: str, mask_spec: str, batch_size: int, da
         "forward_pyro_over_handwritten": paired_ratio(times["pyro-forward"], times["handwritten-forward"]),
         "svi_over_one_pass": paired_ratio(times["svi"], times["handwritten-1pass"]),
         "differentiable_over_one_pass": paired_ratio(times["pyro-diff"], times["handwritten-1pass"]),
+        "fused_over_one_pass": paired_ratio(times["fused"], times["handwritten-1pass"]),
         "every_density_over_differentiable": paired_ratio(times["pyro-diff-every-density"],
                                                           times["pyro-diff"]),
         "forward_every_density_over_pyro": paired_ratio(times["pyro-forward-every-density"],
@@ -358,6 +378,7 @@ def run(config: dict[str, Any], method: str, mask_spec: str, batch_size: int, da
         "forward_overhead_ms": fwd_over,
         "backward_and_optimiser_overhead_ms": step_over - fwd_over,
         "svi_over_differentiable_ms": paired_difference(times["svi"], times["pyro-diff"]),
+        "svi_over_fused_ms": paired_difference(times["svi"], times["fused"]),
         "handwritten_backward_and_optimiser_ms": paired_difference(times["handwritten"],
                                                                    times["handwritten-forward"]),
     }
@@ -391,16 +412,21 @@ def run(config: dict[str, Any], method: str, mask_spec: str, batch_size: int, da
     return result
 
 
+def paired_text(q: dict[str, float]) -> str:
+    """A paired ratio as "median (q1–q3)"."""
+    return f"{q['median']:.2f} ({q['q1']:.2f}–{q['q3']:.2f})"
+
+
 def _paired_extra(p: dict[str, Any]) -> str:
-    """The paired ratios added with the every-density variants (absent from pages written before)."""
+    """The paired ratios added with the every-density and fused variants (absent from earlier pages)."""
     if "every_density_over_differentiable" not in p:
         return ""
-
-    def fmt(key: str) -> str:
-        return f"{p[key]['median']:.2f} ({p[key]['q1']:.2f}–{p[key]['q3']:.2f})"
-    return (f"; paired, (a)/(d) {fmt('svi_over_one_pass')}, (b)/(d) {fmt('differentiable_over_one_pass')}. "
+    return (f"; paired, (a)/(d) {paired_text(p['svi_over_one_pass'])}, (b)/(d) "
+            f"{paired_text(p['differentiable_over_one_pass'])}, (e)/(d) "
+            f"{paired_text(p['fused_over_one_pass'])}. "
             f"Every density against those read (paired): step (b′)/(b) "
-            f"{fmt('every_density_over_differentiable')}, forward {fmt('forward_every_density_over_pyro')}")
+            f"{paired_text(p['every_density_over_differentiable'])}, forward "
+            f"{paired_text(p['forward_every_density_over_pyro'])}")
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -411,7 +437,6 @@ def render_markdown(r: dict[str, Any]) -> str:
                      f"{s['q1_ms']:.2f}–{s['q3_ms']:.2f}", f"{s['median_ms'] / base:.2f}"])
     m, b, a = r["model"], r["batch"], r["attribution_ms"]
     p = r["paired_ratios"]
-    d = p["differentiable_over_handwritten"]
     return "\n".join([
         f"# GPSI training step: Pyro vs hand-written PyTorch ({m['method']}, preset {r['preset']})",
         "",
@@ -425,9 +450,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         markdown_table(["variant", "median ms", "IQR ms", "q1–q3 ms", "ratio to hand-written (c)"], rows),
         "",
         "Forward rows are compared with the hand-written forward. Paired ratios (median of per-round ratios, "
-        f"q1–q3): (a)/(c) {p['svi_over_handwritten']['median']:.2f} "
-        f"({p['svi_over_handwritten']['q1']:.2f}–{p['svi_over_handwritten']['q3']:.2f}), (b)/(c) "
-        f"{d['median']:.2f} ({d['q1']:.2f}–{d['q3']:.2f}), forward "
+        f"q1–q3): (a)/(c) {paired_text(p['svi_over_handwritten'])}, (b)/(c) "
+        f"{paired_text(p['differentiable_over_handwritten'])}, forward "
         f"{p['forward_pyro_over_handwritten']['median']:.2f}. Against the one-pass hand-written loss (d) "
         f"(Pyro's overhead plus the cost of evaluating p and q on separate model and guide paths): (a)/(d) "
         f"{r['ratios']['svi_over_one_pass']:.2f}, (b)/(d) {r['ratios']['differentiable_over_one_pass']:.2f}"
@@ -439,7 +463,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{a['backward_and_optimiser_overhead_ms']:.2f} ms in backward + optimiser (the remainder of two "
         "noisy numbers: read it only when it is large against the IQRs); SVI.step adds "
         f"{a['svi_over_differentiable_ms']:.2f} ms over (b) (param capture, per-parameter Pyro optimisers, "
-        "zeroing).",
+        "zeroing)"
+        + (f" and {a['svi_over_fused_ms']:.2f} ms over (e)" if "svi_over_fused_ms" in a else "") + ".",
         "",
         f"Loss check on one shared path: Pyro {r['loss_check']['pyro']:.4f}, hand-written "
         f"{r['loss_check']['handwritten']:.4f}.",

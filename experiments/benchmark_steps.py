@@ -74,6 +74,7 @@ recorded. ``--variants`` picks the variants to time.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -97,6 +98,8 @@ from experiments.benchmark_gpsi import (
     environment,
     environment_sentence,
     handwritten_gpsi_loss,
+    paired_ratio,
+    paired_text,
     refuse_existing,
     summarise,
     time_interleaved,
@@ -302,6 +305,16 @@ MODELS = ("gpsi-add", "lstm-add", "draw-extended-add", "vae", "diffusion-gaussia
 # ------------------------------------------------------------------------------------------------ timing
 
 
+def every_density_objective(objective: Any) -> Any:
+    """A copy of the objective computing every site's density, as Trace_ELBO does: ``PathwiseKL_ELBO``'s
+    option ``every_density``. An objective without it (diffusion's, which has no traces) is returned as is."""
+    if not isinstance(objective, PathwiseKL_ELBO):
+        return objective
+    every = copy.copy(objective)
+    every.every_density = True
+    return every
+
+
 def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> dict[str, Callable[[], Any]]:
     """One callable per variant of :data:`VARIANTS` (the two compiled ones only when ``compiled``)."""
     pyro.clear_param_store()
@@ -329,9 +342,7 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
     opts = {k: torch.optim.Adam(m.parameters(), lr=LR) for k in VARIANTS}
     fused_opt = ClippedAdam(m.parameters(), lr=LR, betas=(0.9, 0.999), clip_norm=1e12)
 
-    # Trace_ELBO's densities, all of them: PathwiseKL_ELBO's option; another objective's step is unchanged.
-    every_density = (type(case.objective)(every_density=True) if isinstance(case.objective, PathwiseKL_ELBO)
-                     else case.objective)
+    every_density = every_density_objective(case.objective)
 
     def fused_step(objective: Any = case.objective) -> float:
         with pyro.validation_enabled(False):
@@ -425,9 +436,7 @@ def operation_counts(case: Case, seed: int) -> dict[str, int]:
     the launch overhead of a launch-bound step, counted on any machine. Deterministic: the same on every
     run of the same code, sizes and device type."""
     m, args = case.module, case.inputs
-    # every_density is PathwiseKL_ELBO's option; an objective without traces computes no densities anyway.
-    every = (type(case.objective)(every_density=True) if isinstance(case.objective, PathwiseKL_ELBO)
-             else case.objective)
+    every = every_density_objective(case.objective)
 
     def objective(o: Any) -> Callable[[], torch.Tensor]:
         return lambda: o.differentiable_loss(m.model, m.guide, *args)
@@ -582,6 +591,37 @@ def _earlier_rows(out: Path, settings: dict[str, Any]) -> tuple[list[dict[str, A
     return earlier["models"], float(earlier.get("wall_seconds", 0.0))
 
 
+#: Same-run comparisons the page gives as paired ratios (numerator, denominator, what it measures).
+PAIRS = (
+    ("svi-novalid", "handwritten", "default step / hand-written"),
+    ("fused", "handwritten", "fused / hand-written"),
+    ("fused", "handwritten-compiled", "fused / compiled floor"),
+    ("svi-novalid-unshared", "svi-novalid", "default step, path not shared / shared"),
+    ("fused-unshared", "fused", "fused, path not shared / shared"),
+    ("fused-every-density", "fused", "fused, every density / those read"),
+)
+
+
+def _paired_section(r: dict[str, Any]) -> list[str]:
+    """Paired ratios of :data:`PAIRS` per model, from the per-round times (both variants of a round ran
+    under the same load, so these are steadier than ratios of medians)."""
+    rows = []
+    for m in r["models"]:
+        times = m.get("times_ms", {})
+        cells = [paired_text(paired_ratio(times[a], times[b])) if a in times and b in times else "n/a"
+                 for a, b, _ in PAIRS]
+        if any(c != "n/a" for c in cells):
+            rows.append([m["model"], *cells])
+    if not rows:
+        return []
+    return [
+        "**Paired ratios**: the median of the per-round ratios of two variants, with its quartiles.",
+        "",
+        markdown_table(["model", *(f"{what} (`{a}` / `{b}`)" for a, b, what in PAIRS)], rows),
+        "",
+    ]
+
+
 def _operations_section(r: dict[str, Any]) -> list[str]:
     """The operation counts' table (rows of pages written before they were counted have none)."""
     counted = [m for m in r["models"] if m.get("operations")]
@@ -652,6 +692,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         *([*failed, ""] if failed else []),
         "Variants: " + "; ".join(f"`{k}`: {VARIANTS[k]}" for k in names) + ".",
         "",
+        *_paired_section(r),
         *_operations_section(r),
         environment_sentence(r),
         *_machines_sentence(r),

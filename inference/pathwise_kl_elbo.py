@@ -171,7 +171,7 @@ _DEFAULT_SCORE_PARTS = (
 _WRAPPERS = (MaskedDistribution, ExpandedDistribution, Independent)
 
 
-def no_score_function(fn) -> bool:
+def no_score_function(fn: Distribution) -> bool:
     """Whether Pyro's ``fn.score_parts`` has a score function that is identically 0, decided without
     computing it: ``rsample`` at every level of mask, expand and independent wrappers, down to a distribution
     with Pyro's default ``score_parts``. ``False`` where unsure (a partially reparameterised distribution with
@@ -427,8 +427,12 @@ class PathwiseKL_ELBO(Trace_ELBO):
 
         log_r = None
         for name, site in guide_trace.nodes.items():
-            if site["type"] != "sample" or "score_parts" not in site:  # skipped: no score function
+            if site["type"] != "sample":
                 continue
+            if "score_parts" not in site:
+                if no_score_function(site["fn"]):  # skipped by _terms: it has no score function
+                    continue
+                compute_densities(model_trace, guide_trace)  # not through _terms: compute them now
             score = site["score_parts"].score_function
             if is_identically_zero(score):
                 continue

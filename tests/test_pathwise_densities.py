@@ -5,8 +5,10 @@ without Pyro's eager densities and then computes each site's ``log_prob`` / ``sc
 term reads it: an analytic site whose guide distribution has no score function needs neither. With
 validation on it is Trace_ELBO's own trace, every density computed. The two paths must give the same value
 and the same gradients at the same draws, in float64, on every kind of site: analytic, Monte Carlo
-(weighting, no registered KL, late parents), score-function (where the costs read every density), guide-only
-(auxiliary), model-only, vectorised particles, a scale, the over-regularised KL, and the policy models.
+(weighting, no registered KL, late parents, ``analytic=False``), score-function (where the costs read every
+density), guide-only (auxiliary, guide factors), model factors, model-only, vectorised particles, number and
+tensor scales, site masks, a subsampled plate, a GuideMessenger guide, the over-regularised KL, and the policy
+models.
 """
 
 from __future__ import annotations
@@ -108,6 +110,34 @@ def _missing_guide(x, w):  # no z_2: the model draws it (Trace_ELBO's value, wit
         pyro.sample("z_1", dist.Normal(w[1] * x, 0.9))
 
 
+def _factor_model(x, w):
+    _chain_model(x, w)
+    pyro.factor("penalty", -0.1 * (w ** 2).sum())  # a model factor: an observed site
+
+
+def _factor_guide(x, w):
+    with pyro.plate("data", x.shape[0]):
+        z1 = pyro.sample("z_1", dist.Normal(w[1] * x, 0.9))
+        pyro.sample("z_2", dist.Normal(w[2] * z1 + 0.1 * x, 0.6))
+        # guide factors, with and without a reparameterised value
+        pyro.factor("guide_term", 0.05 * w[1] * z1, has_rsample=True)
+        pyro.factor("guide_score", 0.05 * w[2] * x, has_rsample=False)
+
+
+def _subsampled_model(x, w):
+    with pyro.plate("data", x.shape[0], subsample_size=3, subsample=torch.tensor([0, 2, 3])) as idx:
+        z1 = pyro.sample("z_1", dist.Normal(torch.zeros(3), 1.0))
+        pyro.sample("x", dist.Normal(w[0] * z1, 0.5), obs=x[idx])
+
+
+def _subsampled_guide(x, w):
+    with pyro.plate("data", x.shape[0], subsample_size=3, subsample=torch.tensor([0, 2, 3])) as idx:
+        pyro.sample("z_1", dist.Normal(w[1] * x[idx], 0.9))
+
+
+_SITE_MASK = torch.tensor([True, False, True, True])
+_TENSOR_SCALE = torch.tensor([1.0, 2.0, 0.5, 1.5])
+
 CASES = {
     "analytic": (_chain_model, _chain_guide),
     "score-function": (_chain_model, functools.partial(_chain_guide, reparam_z1=False)),
@@ -117,6 +147,11 @@ CASES = {
     "unregistered": (_gamma_model, _gamma_guide),
     "model-only": (_chain_model, _missing_guide),
     "scaled": (poutine.scale(_chain_model, scale=2.5), poutine.scale(_chain_guide, scale=2.5)),
+    "tensor-scale": (poutine.scale(_chain_model, scale=_TENSOR_SCALE),
+                     poutine.scale(_chain_guide, scale=_TENSOR_SCALE)),
+    "site-mask": (poutine.mask(_chain_model, mask=_SITE_MASK), poutine.mask(_chain_guide, mask=_SITE_MASK)),
+    "factors": (_factor_model, _factor_guide),
+    "subsample": (_subsampled_model, _subsampled_guide),
 }
 
 
@@ -124,16 +159,40 @@ CASES = {
 @pytest.mark.parametrize(("case", "objective"), [
     *((case, objective) for case in sorted(CASES) for objective in ("pathwise", "vectorised")),
     ("analytic", "ork"),  # the over-regularised KL refuses a site without a closed-form KL
+    ("analytic", "analytic-off"),
 ])
 def test_both_paths_give_the_same_value_and_gradients(validation, case, objective):
     make = {"pathwise": PathwiseKL_ELBO,
             "vectorised": lambda: PathwiseKL_ELBO(num_particles=7, vectorize_particles=True,
                                                   max_plate_nesting=1),
-            "ork": OverRegularisedKL_ELBO}[objective]
+            "ork": OverRegularisedKL_ELBO,
+            "analytic-off": lambda: PathwiseKL_ELBO(analytic=False)}[objective]
     model, guide = CASES[case]
     x = torch.tensor([0.3, -1.2, 2.0, 0.7])
     w = torch.tensor([0.8, 0.5, 0.6], requires_grad=True)
     _assert_same(*_both_paths(validation, make, model, guide, (x, w), [w]))
+
+
+def test_a_guide_messenger_takes_pyro_own_trace(validation):
+    """A GuideMessenger guide (AutoNormalMessenger) makes its own traces: Trace_ELBO's path either way."""
+    from pyro.infer.autoguide import AutoNormalMessenger
+
+    x = torch.tensor([0.3, -1.2, 2.0, 0.7])
+    w = torch.tensor([0.8, 0.5, 0.6])
+
+    def model(x):
+        _chain_model(x, w)
+
+    guide = AutoNormalMessenger(model)
+    out = []
+    for on in (True, False):
+        validation(on)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide(x)  # its parameters, created at the first call
+        leaves = [p.unconstrained() for p in pyro.get_param_store().values()]
+        out.append(_value_and_grads(PathwiseKL_ELBO(), model, guide, (x,), leaves))
+    _assert_same(*out)
 
 
 @pytest.mark.parametrize("name", ["gpsi-add", "lstm-add", "draw-extended-add", "vae"])
