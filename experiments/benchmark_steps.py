@@ -427,6 +427,10 @@ OPERATION_COUNTS = {
     "every-density": "the same computing every site's density, as Trace_ELBO does (every_density=True)",
     "unshared": "the same with the model computing p's writer path again (shared_paths(False))",
     "validation-on": "the objective's loss with Pyro's validation on",
+    "svi-step": "a whole step of the default training step: Pyro's SVI.step, validation off, with "
+                "pyro.optim.ClippedAdam (one optimiser per parameter)",
+    "fused-step": "a whole step of --step fused: the objective's loss, backward and one "
+                  "inference.optim.ClippedAdam with foreach kernels (capturable, as it runs off the CPU)",
 }
 
 
@@ -453,6 +457,26 @@ def operation_counts(case: Case, seed: int) -> dict[str, int]:
             _, counts = count_operations(lambda f: f().backward(), loss)
         m.zero_grad(set_to_none=True)
         out[key] = sum(counts.values())
+    # The whole steps, optimiser included: each counted on its second call (the first makes the optimiser's
+    # state), then the module's weights are put back as they were.
+    weights = copy.deepcopy(m.state_dict())
+    pyro.clear_param_store()
+    svi = pyro.infer.SVI(m.model, m.guide, pyro.optim.ClippedAdam({"lr": LR, "clip_norm": 1e12}),
+                         copy.copy(case.objective))
+    fused = ClippedAdam(m.parameters(), lr=LR, clip_norm=1e12, capturable=True)
+
+    def fused_step() -> None:
+        case.objective.differentiable_loss(m.model, m.guide, *args).backward()
+        fused.step()
+        fused.zero_grad(set_to_none=True)
+
+    for key, step in (("svi-step", lambda: svi.step(*args)), ("fused-step", fused_step)):
+        with pyro.validation_enabled(False):
+            step()
+            _, counts = count_operations(step)
+        out[key] = sum(counts.values())
+    m.load_state_dict(weights)
+    pyro.clear_param_store()
     return out
 
 
@@ -630,13 +654,16 @@ def _operations_section(r: dict[str, Any]) -> list[str]:
     rows = []
     for m in counted:
         ops, base = m["operations"], m["operations"]["handwritten"]
-        rows.append([m["model"], *(f"{ops[k]:,}" + ("" if k == "handwritten" else f" ×{ops[k] / base:.3f}")
+        rows.append([m["model"], *("n/a" if k not in ops else f"{ops[k]:,}"
+                                   + ("" if k == "handwritten" else f" ×{ops[k] / base:.3f}")
                                    for k in OPERATION_COUNTS)])
     return [
-        "**Operations per loss and backward** (counted, not timed: the ATen operations that compute, views "
-        "left out, forward and backward of one loss on this batch, no optimiser; on a GPU about one kernel "
+        "**Operations per loss and backward, and per step** (counted, not timed: the ATen operations that "
+        "compute, views left out, forward and backward of one loss on this batch, and for the two steps the "
+        "optimiser's update too; on a GPU about one kernel "
         "launch each, so a launch-bound step's overhead; the same on every run of this code on this device "
-        "type). ×: the ratio to the hand-written loss's count. "
+        "type). ×: the ratio to the hand-written loss's count (for the two steps: loss, backward and update "
+        "against the hand-written loss and backward). "
         + "; ".join(f"`{k}`: {v}" for k, v in OPERATION_COUNTS.items()) + ".",
         "",
         markdown_table(["model", *OPERATION_COUNTS], rows),

@@ -41,3 +41,12 @@ def test_the_objective_dispatches_few_more_operations_than_the_handwritten_loss(
     assert ops["validation-on"] > ops["objective"]
     if name != "vae":  # the sequential models' writer path: computed twice without the shared path
         assert ops["unshared"] > ops["objective"]
+    # Whole steps: Pyro's one optimiser per parameter dispatches more than one foreach optimiser for all.
+    assert ops["svi-step"] > ops["fused-step"] > ops["objective"]
+
+
+def test_counting_the_steps_leaves_the_module_as_it_was():
+    case = build_case("gpsi-add", "quick", 4, torch.device("cpu"), seed=0)
+    before = {k: v.clone() for k, v in case.module.state_dict().items()}
+    operation_counts(case, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in case.module.state_dict().items())
