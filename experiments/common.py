@@ -28,14 +28,18 @@ from ppl_models.vae import VAE
 #: Command-line options that are not configuration.
 NOT_CONFIG = {"preset", "out", "data_dir", "device", "resume", "force", "no_progress", "variants", "masks",
               "methods", "no_sweep", "report_only", "method", "mask", "set", "redo_finetune", "text", "jobs",
-              "validate", "compile", "step"}
+              "validate", "compile", "step", "default_step"}
 
 #: How the training step runs (``--step``; the environment variable ``SEQGEN_STEP`` carries it to
 #: :func:`train_best`, in this process and in the processes of ``--jobs``).
 STEPS = {
-    "svi": "Pyro's SVI step with pyro.optim.ClippedAdam, one optimiser per parameter (the committed results)",
+    "svi": "Pyro's SVI step with pyro.optim.ClippedAdam, one optimiser per parameter (the committed results "
+           "ran with it; walkback's online objective needs it)",
     "fused": "the objective's differentiable_loss and one inference.optim.ClippedAdam over all parameters: "
-             "the same update (foreach kernels off the CPU)",
+             "the same update, bit for bit on a CPU where the loss is the objective alone (to float "
+             "round-off where an experiment adds a term: GSN's guide function, professor forcing's "
+             "discriminator); "
+             "foreach kernels off the CPU, so a GPU step launches fewer kernels",
     "cuda-graph": "the fused step captured in CUDA graphs and replayed (inference.cuda_graph); CUDA only; "
                   "not for an online objective (walkback) or hooks (GSN's guide function, professor "
                   "forcing's discriminator), and a step that reads values back (Pyro's Trace_ELBO) is "
@@ -109,8 +113,10 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"--device {device}: {e}") from None
 
 
-def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_out: str) -> None:
-    """Options every experiment has. Preset values are the defaults of the options left as None."""
+def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_out: str,
+                    default_step: str = "fused") -> None:
+    """Options every experiment has. Preset values are the defaults of the options left as None.
+    ``default_step`` is the training step of a new run without ``--step`` (see :func:`resolve_step`)."""
     presets = raw_presets(experiment)
     parser.add_argument(
         "--preset", default="quick", choices=sorted(presets),
@@ -136,12 +142,15 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
                         "evaluation; the Pyro objective stays eager around them. Same numbers to float "
                         "round-off; for a GPU, where a step is bound by kernel launches (on a CPU it is no "
                         "faster). The first step pays the compile time. Recorded in the report")
-    parser.add_argument("--step", default="svi", choices=tuple(STEPS),
-                        help="how each training step runs (default svi). " + "; ".join(
-                            f"{k}: {v}" for k, v in STEPS.items()) + ". The update rule is the same; the "
+    parser.add_argument("--step", default=None, choices=tuple(STEPS),
+                        help=f"how each training step runs (default: {default_step} for a new run, and on "
+                        "--resume the step the run recorded, svi for a run recorded without one). "
+                        + "; ".join(f"{k}: {v}" for k, v in STEPS.items())
+                        + ". The update rule is the same; the "
                         "optimiser's state is not, so a resume keeps the run's. It applies to the stages "
                         "trained by the common rule (GC-RL's agent keeps its own Adam). Recorded as "
                         "train_step")
+    parser.set_defaults(default_step=default_step)
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--seed", type=non_negative_int, default=None,
@@ -279,6 +288,24 @@ def abandon(out: Path) -> None:
         _remove_empty_chain(out, top)
 
 
+def resolve_step(args: argparse.Namespace, default_out: str) -> str:
+    """The training step a run takes: ``--step`` where given; on ``--resume`` (without ``--force``) the step
+    the run recorded (``train_step``; svi for a run recorded before that key existed), since a resume must
+    keep the optimiser whose state it saved; else the experiment's default (``default_step``)."""
+    if getattr(args, "step", None) is not None:
+        return args.step
+    if getattr(args, "resume", False) and not getattr(args, "force", False):
+        path = (Path(args.out) if args.out else Path(default_out) / args.preset) / "config.json"
+        if path.is_file():
+            try:
+                recorded = json.loads(path.read_text()).get("train_step", _ADDED_KEYS["train_step"])
+            except (OSError, ValueError, AttributeError):
+                recorded = None  # an unreadable record: the resume's own check says what is wrong
+            if recorded in STEPS:
+                return recorded
+    return getattr(args, "default_step", "fused")
+
+
 def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str, Any],
                    work: Callable[[Path, str], Any], resumable: Sequence[str] = (),
                    more_epochs_retrain: bool = False) -> int:
@@ -294,7 +321,7 @@ def run_experiment(args: argparse.Namespace, default_out: str, config: dict[str,
     from inference.train import NonFiniteLossError
 
     out = None
-    step = getattr(args, "step", "svi")
+    step = resolve_step(args, default_out)
     # Read by train_best and every Trainer of this run, in this process and in its --jobs cells.
     environment = {"SEQGEN_STEP": step,
                    "SEQGEN_VALIDATE": "1" if getattr(args, "validate", False) else None,
@@ -445,8 +472,9 @@ def train_best(module: torch.nn.Module, loss: Any, batch_nll: Callable[..., torc
     Gradient clipping, the one rule: the global L2 norm of the gradient of the batch-summed loss over all
     parameters the step updates is clipped to ``clip_norm`` (Trainer), never element-wise.
 
-    The step runs as the experiment's ``--step`` says (:data:`STEPS`, carried by ``SEQGEN_STEP``): Pyro's
-    SVI step with ``pyro.optim.ClippedAdam`` (default), or the differentiable loss with one
+    The step runs as the experiment's ``--step`` says (:data:`STEPS`, carried by ``SEQGEN_STEP``; the
+    experiments resolve it with :func:`resolve_step`): Pyro's SVI step with ``pyro.optim.ClippedAdam``
+    (``svi``, what a direct call without ``SEQGEN_STEP`` takes), or the differentiable loss with one
     :class:`inference.optim.ClippedAdam` (``fused``), optionally captured in CUDA graphs (``cuda-graph``).
     The update rule is the same in all three."""
     t = config["train"]

@@ -61,7 +61,8 @@ class Experiment:
     may reject a combination with ``parser.error``; ``resumable`` are key prefixes a resumed run may
     change; ``more_epochs_retrain`` says the experiment trains the extra epochs of a resumed run with a
     constant learning rate (see :func:`experiments.common.record_config`); ``summary`` lists (page, data)
-    file pairs: the first page found is printed at the end, with where its data is."""
+    file pairs: the first page found is printed at the end, with where its data is; ``default_step`` is the
+    training step of a new run without ``--step`` (``"fused"``; ``"svi"`` where the objective needs it)."""
 
     name: str
     prog: str
@@ -73,11 +74,13 @@ class Experiment:
     resumable: Sequence[str] = ()
     more_epochs_retrain: bool = False
     summary: Sequence[tuple[str, str]] = (("results.md", "results.json"),)
+    #: The training step of a new run without ``--step`` (:func:`experiments.common.resolve_step`).
+    default_step: str = "fused"
 
     def build_parser(self) -> argparse.ArgumentParser:
         parser = Parser(prog=self.prog, description=self.description.strip().split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_common_args(parser, self.name, self.default_out)
+        add_common_args(parser, self.name, self.default_out, self.default_step)
         self.add_args(parser)
         return parser
 

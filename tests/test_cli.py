@@ -247,7 +247,39 @@ def test_step_flag_trains_the_same_update_and_a_resume_keeps_the_step(tmp_path, 
     assert os.environ.get("SEQGEN_STEP") is None  # the flag's setting ends with the run
     assert runs["fused"]["final_train_loss"] == pytest.approx(runs["svi"]["final_train_loss"], rel=1e-5)
     capsys.readouterr()
-    assert vae_experiment.main([*SMALL_VAE, "--out", str(tmp_path / "fused"), "--resume"]) == 2
+    resume_svi = [*SMALL_VAE, "--out", str(tmp_path / "fused"), "--resume", "--step", "svi"]
+    assert vae_experiment.main(resume_svi) == 2
     assert "train_step: run 'fused', now 'svi'" in capsys.readouterr().err
     assert vae_experiment.main([*SMALL_VAE, "--out", str(tmp_path / "graph"), "--step", "cuda-graph"]) == 2
     assert "cuda_graph=True needs a CUDA device (this run's is cpu)" in capsys.readouterr().err
+
+
+def test_a_new_run_takes_the_fused_step_and_a_resume_the_recorded_one(tmp_path):
+    """Without ``--step``: a new run trains with ``fused`` (walkback, whose online update needs Pyro's
+    optimiser, with ``svi``); ``--resume`` continues with the step the run recorded, and a run recorded
+    before ``train_step`` existed (it trained with svi) resumes with svi."""
+    from experiments.common import resolve_step
+    from experiments.walkback import WALKBACK_EXPERIMENT
+
+    def recorded(out) -> str:
+        return json.loads((out / "config.json").read_text())["train_step"]
+
+    new = tmp_path / "new"
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(new)]) == 0
+    assert recorded(new) == "fused"
+    old = tmp_path / "old"
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(old), "--step", "svi"]) == 0
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(old), "--resume"]) == 0  # not refused: svi kept
+    assert recorded(old) == "svi" and _epochs_trained(old) == 1
+    # A run recorded without the key: its config.json as it was written then.
+    config = json.loads((old / "config.json").read_text())
+    del config["train_step"]
+    (old / "config.json").write_text(json.dumps(config))
+    parser = vae_experiment.VAE_EXPERIMENT.build_parser()
+    assert resolve_step(parser.parse_args([*SMALL_VAE, "--out", str(old), "--resume"]), "runs/vae") == "svi"
+    assert resolve_step(parser.parse_args([*SMALL_VAE, "--out", str(old)]), "runs/vae") == "fused"
+    assert resolve_step(parser.parse_args([*SMALL_VAE, "--out", str(old), "--resume", "--force"]),
+                        "runs/vae") == "fused"
+    walkback = WALKBACK_EXPERIMENT.build_parser().parse_args(["--preset", "quick", "--out",
+                                                              str(tmp_path / "w")])
+    assert resolve_step(walkback, "runs/walkback") == "svi"
