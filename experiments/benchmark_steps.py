@@ -43,8 +43,8 @@ gradients cleared):
   instead of taking the guide's (:func:`ppl_models.policy_parts.shared_paths`): what
   :class:`ppl_models.policy_parts.SharedPath` saves, in the same run (the VAE and diffusion have no such
   path: there it is ``fused`` again);
-- ``svi-novalid-unshared``: ``svi-novalid`` (the default training step) with the path not shared, as
-  ``fused-unshared``: the shared path's saving in the SVI step;
+- ``svi-novalid-unshared``: ``svi-novalid`` (the SVI training step, ``--step svi``) with the path not
+  shared, as ``fused-unshared``: the shared path's saving in the SVI step;
 - ``fused-every-density``: ``fused`` with the objective computing every site's density, as Trace_ELBO does
   (``PathwiseKL_ELBO(every_density=True)``), instead of only those its estimator reads: what that saves, in
   the same run (diffusion's objective has no traces: there it is ``fused`` again);
@@ -127,7 +127,7 @@ LR = 1e-4
 MASK = "mcar-80"
 VARIANTS = {
     "svi": "Pyro SVI.step (+ pyro.optim.Adam), argument validation on",
-    "svi-novalid": "the same with validation off: the Trainer's training step by default",
+    "svi-novalid": "the same with validation off: the Trainer's SVI step (--step svi) as it runs by default",
     "pyro-diff": "objective.differentiable_loss + backward + torch Adam",
     "pyro-diff-novalid": "the same, argument validation off",
     "fused": "objective.differentiable_loss + backward + one ClippedAdam (inference.optim; foreach kernels "
@@ -135,7 +135,7 @@ VARIANTS = {
              "with --step fused",
     "fused-unshared": "the fused step with the model computing p's writer path again along the guide's draws "
                       "(ppl_models.policy_parts.shared_paths(False)): the two programs' plain cost",
-    "svi-novalid-unshared": "the default training step (svi-novalid) with the model computing p's writer "
+    "svi-novalid-unshared": "the SVI training step (svi-novalid) with the model computing p's writer "
                             "path again, as in fused-unshared",
     "fused-every-density": "the fused step with the objective computing every site's density as Trace_ELBO "
                            "does (PathwiseKL_ELBO(every_density=True)) instead of only those it reads",
@@ -427,7 +427,7 @@ OPERATION_COUNTS = {
     "every-density": "the same computing every site's density, as Trace_ELBO does (every_density=True)",
     "unshared": "the same with the model computing p's writer path again (shared_paths(False))",
     "validation-on": "the objective's loss with Pyro's validation on",
-    "svi-step": "a whole step of the default training step: Pyro's SVI.step, validation off, with "
+    "svi-step": "a whole step of the SVI training step (--step svi): Pyro's SVI.step, validation off, with "
                 "pyro.optim.ClippedAdam (one optimiser per parameter)",
     "fused-step": "a whole step of --step fused: the objective's loss, backward and one "
                   "inference.optim.ClippedAdam with foreach kernels (capturable, as it runs off the CPU)",
@@ -617,10 +617,10 @@ def _earlier_rows(out: Path, settings: dict[str, Any]) -> tuple[list[dict[str, A
 
 #: Same-run comparisons the page gives as paired ratios (numerator, denominator, what it measures).
 PAIRS = (
-    ("svi-novalid", "handwritten", "default step / hand-written"),
+    ("svi-novalid", "handwritten", "SVI step / hand-written"),
     ("fused", "handwritten", "fused / hand-written"),
     ("fused", "handwritten-compiled", "fused / compiled floor"),
-    ("svi-novalid-unshared", "svi-novalid", "default step, path not shared / shared"),
+    ("svi-novalid-unshared", "svi-novalid", "SVI step, path not shared / shared"),
     ("fused-unshared", "fused", "fused, path not shared / shared"),
     ("fused-every-density", "fused", "fused, every density / those read"),
 )

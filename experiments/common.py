@@ -143,8 +143,9 @@ def add_common_args(parser: argparse.ArgumentParser, experiment: str, default_ou
                         "round-off; for a GPU, where a step is bound by kernel launches (on a CPU it is no "
                         "faster). The first step pays the compile time. Recorded in the report")
     parser.add_argument("--step", default=None, choices=tuple(STEPS),
-                        help=f"how each training step runs (default: {default_step} for a new run, and on "
-                        "--resume the step the run recorded, svi for a run recorded without one). "
+                        help=f"how each training step runs (default: {default_step} in a new --out; where "
+                        "--out holds a run, as on --resume, the step that run recorded, svi for a run "
+                        "recorded without one). "
                         + "; ".join(f"{k}: {v}" for k, v in STEPS.items())
                         + ". The update rule is the same; the "
                         "optimiser's state is not, so a resume keeps the run's. It applies to the stages "
@@ -289,20 +290,22 @@ def abandon(out: Path) -> None:
 
 
 def resolve_step(args: argparse.Namespace, default_out: str) -> str:
-    """The training step a run takes: ``--step`` where given; on ``--resume`` (without ``--force``) the step
-    the run recorded (``train_step``; svi for a run recorded before that key existed), since a resume must
-    keep the optimiser whose state it saved; else the experiment's default (``default_step``)."""
+    """The training step a run takes: ``--step`` where given; else, where ``--out`` already holds a run,
+    the step that run recorded (``train_step``; svi for a run recorded before that key existed), because
+    what continues there (``--resume``, a table's cells, which resume from their checkpoints, the same
+    command made again) must keep the optimiser whose state it saved; else the experiment's default
+    (``default_step``) for a new directory."""
     if getattr(args, "step", None) is not None:
         return args.step
-    if getattr(args, "resume", False) and not getattr(args, "force", False):
-        path = (Path(args.out) if args.out else Path(default_out) / args.preset) / "config.json"
-        if path.is_file():
-            try:
-                recorded = json.loads(path.read_text()).get("train_step", _ADDED_KEYS["train_step"])
-            except (OSError, ValueError, AttributeError):
-                recorded = None  # an unreadable record: the resume's own check says what is wrong
-            if recorded in STEPS:
-                return recorded
+    out = Path(args.out) if args.out else Path(default_out) / args.preset
+    try:
+        before, _ = previous_config(out)
+    except (OSError, ValueError, AttributeError):
+        before = None  # an unreadable record: the run's own checks say what is wrong with it
+    if before is not None:
+        recorded = before.get("train_step", _ADDED_KEYS["train_step"])
+        if recorded in STEPS:
+            return recorded
     return getattr(args, "default_step", "fused")
 
 

@@ -47,24 +47,27 @@ def write_report(out: Path, stem: str, results: dict[str, Any], markdown: str, *
 _STEERING = ("--resume", "--force", "--no-progress", "--report-only")
 
 
-def reproduce_command(module: str, argv: Sequence[str], out: Path, device: str) -> str:
+def reproduce_command(module: str, argv: Sequence[str], out: Path, device: str,
+                      step: str | None = None) -> str:
     """The command line that reruns a run: ``python -m <module>`` with the options it was given, its
-    resolved device and output directory pinned, and the options that only steer how an existing run
-    directory is treated left out (``--resume``, ``--force``, ``--no-progress``, ``--report-only``): into an
-    empty ``--out`` it makes the whole run."""
+    resolved device, output directory and (where given) training step pinned, and the options that only
+    steer how an existing run directory is treated left out (``--resume``, ``--force``, ``--no-progress``,
+    ``--report-only``): into an empty ``--out`` it makes the whole run, with the step it trained with even
+    where that was not the default's."""
+    pinned = {"--device", "--out"} | ({"--step"} if step is not None else set())
     args, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a in ("--device", "--out"):
+        if a in pinned:
             skip = True
             continue
-        if a.startswith(("--device=", "--out=")) or a in _STEERING:
+        if a.startswith(tuple(f"{p}=" for p in pinned)) or a in _STEERING:
             continue
         args.append(a)
     return " ".join(["python", "-m", module, *map(shlex.quote, args), "--out", shlex.quote(str(out)),
-                     "--device", device])
+                     "--device", device, *(["--step", step] if step is not None else [])])
 
 
 def jsonable(obj: Any) -> Any:

@@ -96,7 +96,7 @@ class Experiment:
 
         def work(out: Path, device: str) -> None:
             command = reproduce_command(self.prog.split()[-1], sys.argv[1:] if argv is None else argv, out,
-                                        device)
+                                        device, config.get("train_step"))
             self.run(config, RunContext(out, device, args.resume, not args.no_progress, args.data_dir, args,
                                         command))
             for page, data in self.summary if is_writer() else ():

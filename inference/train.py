@@ -815,9 +815,12 @@ class Trainer:
         own = ckpt["ranks"][distributed.rank()] if self.world_size > 1 else ckpt
         for key, value in expected.items():
             if ckpt[key] != value:
+                # The experiments' --step chooses the mode: svi, or diff for fused and cuda-graph.
+                hint = (f" (the experiments' --step {'svi' if ckpt[key] == 'svi' else 'fused'} continues it)"
+                        if key == "mode" else "")
                 raise ValueError(
                     f"cannot resume from {path}: it was written with {key}={ckpt[key]!r}, this trainer has "
-                    f"{key}={value!r}"
+                    f"{key}={value!r}{hint}"
                 )
         self.module.load_state_dict(ckpt["module"])
         store_state = ckpt["param_store"]

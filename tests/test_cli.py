@@ -232,7 +232,7 @@ def test_compile_flag_compiles_the_networks_and_is_recorded(tmp_path, monkeypatc
 
 def test_step_flag_trains_the_same_update_and_a_resume_keeps_the_step(tmp_path, capsys):
     """``--step fused`` trains with one inference.optim.ClippedAdam (a torch optimiser state in the
-    checkpoint) to the numbers of the default SVI step up to float round-off, is recorded as train_step, and a
+    checkpoint) to the numbers of the SVI step up to float round-off, is recorded as train_step, and a
     resume with another step is refused by name; ``--step cuda-graph`` on a CPU says what it needs."""
     from inference.train import load_checkpoint
 
@@ -254,10 +254,12 @@ def test_step_flag_trains_the_same_update_and_a_resume_keeps_the_step(tmp_path, 
     assert "cuda_graph=True needs a CUDA device (this run's is cpu)" in capsys.readouterr().err
 
 
-def test_a_new_run_takes_the_fused_step_and_a_resume_the_recorded_one(tmp_path):
+def test_a_new_run_takes_the_fused_step_and_a_recorded_run_its_own(tmp_path, capsys):
     """Without ``--step``: a new run trains with ``fused`` (walkback, whose online update needs Pyro's
-    optimiser, with ``svi``); ``--resume`` continues with the step the run recorded, and a run recorded
-    before ``train_step`` existed (it trained with svi) resumes with svi."""
+    optimiser, with ``svi``); where ``--out`` holds a run, the step that run recorded, so that a resume, a
+    forced resume, the same command made again and a table's cells (which resume from their checkpoints)
+    all keep the optimiser whose state was saved; a run recorded before ``train_step`` existed trained
+    with svi. Its report's command pins the step it trained with."""
     from experiments.common import resolve_step
     from experiments.walkback import WALKBACK_EXPERIMENT
 
@@ -267,19 +269,25 @@ def test_a_new_run_takes_the_fused_step_and_a_resume_the_recorded_one(tmp_path):
     new = tmp_path / "new"
     assert vae_experiment.main([*SMALL_VAE, "--out", str(new)]) == 0
     assert recorded(new) == "fused"
+    assert "--step fused" in json.loads((new / "results.json").read_text())["command"]
     old = tmp_path / "old"
     assert vae_experiment.main([*SMALL_VAE, "--out", str(old), "--step", "svi"]) == 0
-    assert vae_experiment.main([*SMALL_VAE, "--out", str(old), "--resume"]) == 0  # not refused: svi kept
-    assert recorded(old) == "svi" and _epochs_trained(old) == 1
+    for again in ([], ["--resume"], ["--resume", "--force"]):  # none refused, none switches the optimiser
+        assert vae_experiment.main([*SMALL_VAE, "--out", str(old), *again]) == 0, capsys.readouterr().err
+        assert recorded(old) == "svi" and _epochs_trained(old) == 1
+    assert "--step svi" in json.loads((old / "results.json").read_text())["command"]
+    # An explicit other step on a resume is refused by name.
+    assert vae_experiment.main([*SMALL_VAE, "--out", str(old), "--resume", "--step", "fused"]) == 2
+    assert "train_step: run 'svi', now 'fused'" in capsys.readouterr().err
     # A run recorded without the key: its config.json as it was written then.
     config = json.loads((old / "config.json").read_text())
     del config["train_step"]
     (old / "config.json").write_text(json.dumps(config))
     parser = vae_experiment.VAE_EXPERIMENT.build_parser()
     assert resolve_step(parser.parse_args([*SMALL_VAE, "--out", str(old), "--resume"]), "runs/vae") == "svi"
-    assert resolve_step(parser.parse_args([*SMALL_VAE, "--out", str(old)]), "runs/vae") == "fused"
-    assert resolve_step(parser.parse_args([*SMALL_VAE, "--out", str(old), "--resume", "--force"]),
-                        "runs/vae") == "fused"
+    assert resolve_step(parser.parse_args([*SMALL_VAE, "--out", str(old)]), "runs/vae") == "svi"
+    empty = parser.parse_args([*SMALL_VAE, "--out", str(tmp_path / "empty")])
+    assert resolve_step(empty, "runs/vae") == "fused"
     walkback = WALKBACK_EXPERIMENT.build_parser().parse_args(["--preset", "quick", "--out",
                                                               str(tmp_path / "w")])
     assert resolve_step(walkback, "runs/walkback") == "svi"

@@ -127,6 +127,11 @@ def test_report_writer_states_the_configuration_and_the_command(tmp_path):
                                 tmp_path / "run", "cpu")
     assert command == ("python -m experiments.vae --preset quick --set train.epochs=2 "
                        f"--out {tmp_path / 'run'} --device cpu")
+    # The training step is pinned where given, once, in place of the one the command line had.
+    pinned = reproduce_command("experiments.vae", ["--preset", "quick", "--step=fused", "--step", "fused"],
+                               tmp_path / "run", "cpu", "svi")
+    assert pinned == (f"python -m experiments.vae --preset quick --out {tmp_path / 'run'} --device cpu "
+                      "--step svi")
     write_report(tmp_path, "results", {"value": float("inf")}, "# Title\n", config={"train": {"epochs": 2}},
                  command=command)
     data = json.loads((tmp_path / "results.json").read_text())
