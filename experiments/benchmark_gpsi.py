@@ -178,6 +178,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fused_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+    """The rest of the Trainer's ``--step fused`` step after its loss: backward, the loss read back (the
+    Trainer checks it before the update), the update, gradients cleared. Returns the loss."""
+    loss.backward()
+    value = float(loss.detach())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value
+
+
 def make_actions(gpsi: GPSI, x: torch.Tensor, mask: torch.Tensor) -> dict[str, Callable[[], Any]]:
     """One callable per variant of :data:`VARIANTS`; each does one step (or one forward) on (x, mask)."""
     pyro.clear_param_store()
@@ -201,12 +211,7 @@ def make_actions(gpsi: GPSI, x: torch.Tensor, mask: torch.Tensor) -> dict[str, C
     fused_opt = ClippedAdam(gpsi.parameters(), lr=LR, betas=(0.9, 0.999), clip_norm=1e12)
 
     def fused_step() -> float:
-        loss = pyro_loss()
-        loss.backward()
-        value = float(loss.detach())  # the Trainer reads the loss back before the update
-        fused_opt.step()
-        fused_opt.zero_grad(set_to_none=True)
-        return value
+        return fused_update(pyro_loss(), fused_opt)
 
     def every_density_loss() -> torch.Tensor:
         return every.differentiable_loss(gpsi.model, gpsi.guide, x, mask)

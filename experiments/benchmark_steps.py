@@ -97,6 +97,7 @@ from experiments.benchmark_gpsi import (
     device_and_threads,
     environment,
     environment_sentence,
+    fused_update,
     handwritten_gpsi_loss,
     paired_ratio,
     paired_text,
@@ -346,12 +347,7 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
 
     def fused_step(objective: Any = case.objective) -> float:
         with pyro.validation_enabled(False):
-            loss = objective.differentiable_loss(m.model, m.guide, *args)
-            loss.backward()
-            value = float(loss.detach())  # the Trainer reads the loss back before the update
-            fused_opt.step()
-            fused_opt.zero_grad(set_to_none=True)
-        return value
+            return fused_update(objective.differentiable_loss(m.model, m.guide, *args), fused_opt)
 
     def fused_unshared_step() -> float:
         with shared_paths(False):

@@ -229,12 +229,17 @@ def setting_differences(before: dict[str, Any], now: dict[str, Any], allowed: Se
 _ADDED_KEYS: dict[str, Any] = {"train.betas": [0.9, 0.98], "train_step": "svi"}
 
 
+def out_path(args: argparse.Namespace, default_out: str) -> Path:
+    """Where the run writes: ``--out``, else ``<default_out>/<preset>``."""
+    return Path(args.out) if args.out else Path(default_out) / args.preset
+
+
 def output_dir(args: argparse.Namespace, default_out: str, config: dict[str, Any] | None = None) -> Path:
     """The run's output directory, created and checked writable before any work. Without ``--resume`` or
     ``--force``, a directory holding another run's files is refused rather than overwritten; a run with
     the same configuration is the same run made again, and may. A lone config.json (a run that stopped
     before writing anything) holds no results."""
-    out = Path(args.out) if args.out else Path(default_out) / args.preset
+    out = out_path(args, default_out)
     held = [name for name in RUN_FILES if (out / name).exists()]
     if held == ["config.json"]:
         held = []
@@ -297,7 +302,7 @@ def resolve_step(args: argparse.Namespace, default_out: str) -> str:
     (``default_step``) for a new directory."""
     if getattr(args, "step", None) is not None:
         return args.step
-    out = Path(args.out) if args.out else Path(default_out) / args.preset
+    out = out_path(args, default_out)
     try:
         before, _ = previous_config(out)
     except (OSError, ValueError, AttributeError):
