@@ -24,7 +24,8 @@ step, gradients cleared):
 - (b′) ``pyro-diff-every-density``: (b) with ``PathwiseKL_ELBO(every_density=True)``, which computes every
   site's density as Trace_ELBO does instead of only those its terms read (with validation on, (b) does too);
 - (e) ``fused``: (b) with one :class:`inference.optim.ClippedAdam` over all parameters and the loss read
-  back: the Trainer's ``--step fused``;
+  back, inside :func:`ppl_models.base.params_registered` (the model and guide do not call ``pyro.module``):
+  the Trainer's ``--step fused``;
 - (c) ``handwritten``: :func:`handwritten_gpsi_loss`, backward, ``torch.optim.Adam``. It evaluates the
   networks as two separate programs (the guide rolls out q and ω, then the model, on the guide's z, rolls
   out p and ω again), as Pyro's model/guide pair did before its model took the guide's path
@@ -72,6 +73,7 @@ from experiments.data import IMAGE_SHAPES, DataError, dynamic_binarize, load_dat
 from experiments.report import markdown_table, reproduce_command, write_report
 from inference.optim import ClippedAdam
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
+from ppl_models.base import params_registered
 from ppl_models.gpsi import GPSI
 from ppl_models.masks import make_mask_process, validate_mask
 from ppl_models.policy_parts import cat_inputs, diag_normal, update_canvas
@@ -95,7 +97,7 @@ VARIANTS = {
                                 "that too)"),
     "fused": ("step", "(e) the Trainer's --step fused: (b) with one inference.optim.ClippedAdam over all "
               "parameters instead of torch's Adam, the loss read back (no gradient clip, as in every "
-              "variant)"),
+              "variant), inside ppl_models.base.params_registered as the Trainer's steps after its first"),
     "pyro-forward": ("forward", "forward only: PathwiseKL_ELBO.differentiable_loss (of (a) and (b))"),
     "pyro-forward-every-density": ("forward", "forward only: the same with every density (of (b′))"),
     "handwritten-forward": ("forward", "forward only: handwritten_gpsi_loss (of (c))"),
@@ -211,7 +213,8 @@ def make_actions(gpsi: GPSI, x: torch.Tensor, mask: torch.Tensor) -> dict[str, C
     fused_opt = ClippedAdam(gpsi.parameters(), lr=LR, betas=(0.9, 0.999), clip_norm=1e12)
 
     def fused_step() -> float:
-        return fused_update(pyro_loss(), fused_opt)
+        with params_registered():  # as the Trainer's steps after its first
+            return fused_update(pyro_loss(), fused_opt)
 
     def every_density_loss() -> torch.Tensor:
         return every.differentiable_loss(gpsi.model, gpsi.guide, x, mask)

@@ -38,7 +38,9 @@ gradients cleared):
   ``compile=True`` does); its first call is timed apart too;
 - ``fused``: ``differentiable_loss`` with validation off, backward, and one
   :class:`inference.optim.ClippedAdam` over all parameters (Pyro's ClippedAdam update; ``torch._foreach``
-  kernels off the CPU), the loss read back as the Trainer reads it: the Trainer's step with ``--step fused``;
+  kernels off the CPU), the loss read back as the Trainer reads it, inside
+  :func:`ppl_models.base.params_registered` as the Trainer's steps after its first: the Trainer's step with
+  ``--step fused``;
 - ``fused-unshared``: ``fused`` with the model computing p's writer path again along the guide's draws
   instead of taking the guide's (:func:`ppl_models.policy_parts.shared_paths`): what
   :class:`ppl_models.policy_parts.SharedPath` saves, in the same run (the VAE and diffusion have no such
@@ -48,6 +50,9 @@ gradients cleared):
 - ``fused-every-density``: ``fused`` with the objective computing every site's density, as Trace_ELBO does
   (``PathwiseKL_ELBO(every_density=True)``), instead of only those its estimator reads: what that saves, in
   the same run (diffusion's objective has no traces: there it is ``fused`` again);
+- ``fused-registering``: ``fused`` with the model and guide calling ``pyro.module`` at every call, as they
+  do outside :func:`ppl_models.base.params_registered` (which the Trainer's fused step enters after its
+  first step): what that saves, in the same run;
 - ``cuda-graph`` (CUDA only): the ``fused`` step captured in CUDA graphs (:mod:`inference.cuda_graph`,
   ``--step cuda-graph``); its warm-up steps and capture are timed apart.
 
@@ -74,6 +79,7 @@ recorded. ``--variants`` picks the variants to time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -105,7 +111,7 @@ from experiments.benchmark_gpsi import (
     summarise,
     time_interleaved,
 )
-from experiments.common import Parser, build_registered, non_negative_int, positive_int
+from experiments.common import Parser, build_registered, non_negative_int, positive_float, positive_int
 from experiments.config import load_preset
 from experiments.diffusion import model_sizes
 from experiments.report import markdown_table, reproduce_command, write_report
@@ -115,6 +121,7 @@ from inference.diffusion_simple import SimpleDiffusionLoss
 from inference.op_count import count_operations
 from inference.optim import ClippedAdam
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
+from ppl_models.base import params_registered
 from ppl_models.draw import DRAWGenerator
 from ppl_models.gpsi import GPSI
 from ppl_models.lstm_imputer import LSTMImputer
@@ -128,18 +135,21 @@ LR = 1e-4
 MASK = "mcar-80"
 VARIANTS = {
     "svi": "Pyro SVI.step (+ pyro.optim.Adam), argument validation on",
-    "svi-novalid": "the same with validation off: the Trainer's SVI step (--step svi) as it runs by default",
+    "svi-novalid": "the same with validation off: the Trainer's SVI step (--step svi)",
     "pyro-diff": "objective.differentiable_loss + backward + torch Adam",
     "pyro-diff-novalid": "the same, argument validation off",
     "fused": "objective.differentiable_loss + backward + one ClippedAdam (inference.optim; foreach kernels "
-             "off the CPU) over all parameters, validation off, the loss read back: the Trainer's step "
-             "with --step fused",
+             "off the CPU) over all parameters, validation off, the loss read back, the model and guide "
+             "not registering their parameters again (ppl_models.base.params_registered): the Trainer's "
+             "step with --step fused",
     "fused-unshared": "the fused step with the model computing p's writer path again along the guide's draws "
                       "(ppl_models.policy_parts.shared_paths(False)): the two programs' plain cost",
     "svi-novalid-unshared": "the SVI training step (svi-novalid) with the model computing p's writer "
                             "path again, as in fused-unshared",
     "fused-every-density": "the fused step with the objective computing every site's density as Trace_ELBO "
                            "does (PathwiseKL_ELBO(every_density=True)) instead of only those it reads",
+    "fused-registering": "the fused step with the model and guide registering their parameters with Pyro "
+                         "(pyro.module) at every call, as outside params_registered",
     "handwritten": "hand-written loss (same computation) + backward + torch Adam, eager, validation off",
     "handwritten-compiled": "the hand-written loss through torch.compile + backward + torch Adam, validation "
                             "off",
@@ -260,36 +270,71 @@ class Case:
     preset: str
 
 
+#: The size keys that are widths (of layers, LSTM states, latents), which ``--width-scale`` scales; the
+#: others (steps, levels, the variance schedule) set the step's structure and are kept.
+WIDTH_KEYS = ("z_dim", "z0_dim", "hidden", "lstm_dim", "mix_hidden", "channels", "embed_dim")
+
+
+def narrowed(sizes: dict[str, Any], scale: float) -> dict[str, Any]:
+    """``sizes`` with every width (:data:`WIDTH_KEYS`) times ``scale``, rounded, at least 1; the U-Net's
+    ``channels`` stay a multiple of its GroupNorm ``groups`` and its ``embed_dim`` even and >= 2. Steps,
+    layers and levels are kept, so the step runs the same operations on smaller tensors (the counts of
+    :func:`operation_counts` do not change): at ``scale`` 1/50 and batch 1 a CPU step is bound by the host's
+    per-operation cost, as the issue's GPU step is by kernel launches."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"width scale must be in (0, 1], got {scale!r}")
+    if scale == 1:
+        return dict(sizes)
+
+    def width(v: int, multiple: int = 1, least: int = 1) -> int:
+        return max(least, multiple * round(v * scale / multiple))
+
+    out = dict(sizes)
+    for key in WIDTH_KEYS:
+        if key not in out:
+            continue
+        if key == "hidden":
+            out[key] = [width(h) for h in out[key]]
+        elif key == "channels":
+            out[key] = width(out[key], out.get("groups", 1), out.get("groups", 1))
+        elif key == "embed_dim":
+            out[key] = width(out[key], 2, 2)
+        else:
+            out[key] = width(out[key])
+    return out
+
+
 def _sizes(experiment: str, preset: str, section: str) -> dict[str, Any]:
     return dict(load_preset(experiment, preset)[section])
 
 
 def build_case(name: str, sizes: str, batch_size: int, device: torch.device, seed: int,
-               dtype: torch.dtype = torch.float32) -> Case:
-    """The model ``name`` sized by preset ``sizes`` of its experiment, with a random batch of
-    ``batch_size`` Fashion-MNIST-shaped images (binary, or grey levels for diffusion) and masks."""
+               dtype: torch.dtype = torch.float32, width_scale: float = 1.0) -> Case:
+    """The model ``name`` sized by preset ``sizes`` of its experiment, its widths times ``width_scale``
+    (:func:`narrowed`), with a random batch of ``batch_size`` Fashion-MNIST-shaped images (binary, or grey
+    levels for diffusion) and masks."""
     g = torch.Generator().manual_seed(seed)
     x_dim = SHAPE[0] * SHAPE[1]
     binary = (torch.rand(batch_size, x_dim, generator=g) < 0.3).to(dtype)
     torch.manual_seed(seed)  # the initial weights
     if name in ("gpsi-add", "lstm-add"):
         section = name.split("-")[0]
-        kw = _sizes("imputation", sizes, section)
+        kw = narrowed(_sizes("imputation", sizes, section), width_scale)
         mask = make_mask_process(MASK, SHAPE).sample(binary, generator=g).to(dtype)
         module = build_registered(name, kw, x_dim, init_mean=binary.mean(0))
         hand = handwritten_gpsi_one_pass if section == "gpsi" else handwritten_lstm_loss
         inputs, objective = (binary, mask), PathwiseKL_ELBO()
     elif name == "draw-extended-add":
-        kw = _sizes("draw", sizes, "generator")
+        kw = narrowed(_sizes("draw", sizes, "generator"), width_scale)
         module = build_registered(name, kw, x_dim, init_mean=binary.mean(0))
         inputs, objective, hand = (binary,), PathwiseKL_ELBO(), handwritten_draw_loss
     elif name == "vae":
-        kw = _sizes("vae", sizes, "model")
+        kw = narrowed(_sizes("vae", sizes, "model"), width_scale)
         module = build_registered(name, kw, x_dim)
         inputs, objective, hand = (binary,), PathwiseKL_ELBO(), handwritten_vae_loss
     elif name == "diffusion-gaussian":
         config = load_preset("diffusion", sizes)
-        kw = model_sizes("gaussian", {**config, "dataset": "fashion-mnist"})
+        kw = narrowed(model_sizes("gaussian", {**config, "dataset": "fashion-mnist"}), width_scale)
         module = build_registered(name, kw, x_dim)
         grey = torch.randint(0, 256, (batch_size, x_dim), generator=g).to(dtype) / 255
         inputs, objective, hand = (grey,), SimpleDiffusionLoss(), handwritten_simple_loss
@@ -345,8 +390,9 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
 
     every_density = every_density_objective(case.objective)
 
-    def fused_step(objective: Any = case.objective) -> float:
-        with pyro.validation_enabled(False):
+    def fused_step(objective: Any = case.objective, register: bool = False) -> float:
+        # As the Trainer's step after its first: the parameters are registered already.
+        with pyro.validation_enabled(False), contextlib.nullcontext() if register else params_registered():
             return fused_update(objective.differentiable_loss(m.model, m.guide, *args), fused_opt)
 
     def fused_unshared_step() -> float:
@@ -386,6 +432,7 @@ def make_actions(case: Case, compiled: Callable[..., torch.Tensor] | None) -> di
         "fused-unshared": fused_unshared_step,
         "svi-novalid-unshared": svi_novalid_unshared_step,
         "fused-every-density": lambda: fused_step(every_density),
+        "fused-registering": lambda: fused_step(register=True),
     }
     if case.inputs[0].is_cuda:
         graphed = GraphedStep(lambda *a: case.objective.differentiable_loss(m.model, m.guide, *a),
@@ -485,11 +532,12 @@ def _seconds(call: Callable[[], Any], device: torch.device) -> float:
 
 
 def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, seed: int, repeats: int,
-                warmup: int, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, Any]:
+                warmup: int, variants: tuple[str, ...] = tuple(VARIANTS),
+                width_scale: float = 1.0) -> dict[str, Any]:
     """Time the ``variants`` of one model (those that run on ``device``); returns its sizes, times, medians,
     ratios and compile times. A ``cuda-graph`` variant that fails its warm-up or capture is dropped and its
     error recorded (``cuda_graph_error``), so the other variants' times still come back."""
-    case = build_case(name, sizes, batch_size, device, seed)
+    case = build_case(name, sizes, batch_size, device, seed, width_scale=width_scale)
     check = loss_check(case, seed)
     operations = operation_counts(case, seed)
     compiled, compile_s = None, None
@@ -518,7 +566,8 @@ def bench_model(name: str, sizes: str, batch_size: int, device: torch.device, se
     stats = {k: summarise(v) for k, v in times.items()}
     base = stats[BASELINE]["median_ms"]
     return {
-        "model": name, "sizes_preset": sizes, "sizes": case.sizes, "batch_size": batch_size,
+        "model": name, "sizes_preset": sizes, "width_scale": width_scale, "sizes": case.sizes,
+        "batch_size": batch_size,
         "objective": type(case.objective).__name__,
         "parameters": sum(p.numel() for p in params),
         "loss_check": check, "operations": operations,
@@ -537,7 +586,7 @@ class BenchmarkExists(Exception):
 
 def run(models: tuple[str, ...], sizes: str, batch_size: int, device: str, repeats: int, warmup: int,
         seed: int, out: Path, variants: tuple[str, ...] = tuple(VARIANTS), command: str | None = None,
-        progress: bool = True, resume: bool = False) -> dict[str, Any]:
+        progress: bool = True, resume: bool = False, width_scale: float = 1.0) -> dict[str, Any]:
     """Benchmark every model in turn and write benchmark.json and benchmark.md after each, so a run stopped
     by a time limit keeps the models it finished (``"complete": false`` until the last). ``resume``
     continues such a run in ``out``: the models already timed are kept, the others are timed with the same
@@ -547,7 +596,8 @@ def run(models: tuple[str, ...], sizes: str, batch_size: int, device: str, repea
 
     dev = torch.device(device)
     # What a resumed run must share with the run it continues (each model's row names its own machine).
-    settings = {"models_requested": sorted(models), "sizes_preset": sizes, "batch_size": batch_size,
+    settings = {"models_requested": sorted(models), "sizes_preset": sizes, "width_scale": width_scale,
+                "batch_size": batch_size,
                 "seed": seed, "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
                 "variants_requested": [v for v in VARIANTS if v in variants], "device_type": dev.type}
     load_before = _load_average()
@@ -564,7 +614,7 @@ def run(models: tuple[str, ...], sizes: str, batch_size: int, device: str, repea
     result = None
     for m in tqdm([m for m in models if m not in done], desc="models", disable=not progress):
         load = _load_average()
-        rows.append({**bench_model(m, sizes, batch_size, dev, seed, repeats, warmup, variants),
+        rows.append({**bench_model(m, sizes, batch_size, dev, seed, repeats, warmup, variants, width_scale),
                      "load_average_before": load})
         rows.sort(key=lambda r: models.index(r["model"]))
         result = report()
@@ -600,14 +650,15 @@ def _earlier_rows(out: Path, settings: dict[str, Any]) -> tuple[list[dict[str, A
     if not path.exists():
         return [], 0.0
     earlier = json.loads(path.read_text())
+    earlier.setdefault("width_scale", 1.0)  # benchmarks written before --width-scale ran at full width
     differ = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != v}
     if differ:
         raise BenchmarkExists(
             f"--resume: {path} was run with other settings: "
             + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items())
-            + "; give the options it ran with (--models, --sizes, --batch-size, --seed, --repeats, --warmup, "
-            "--threads, --variants/--no-compile, the device's type; its command is in benchmark.json), or "
-            "another --out")
+            + "; give the options it ran with (--models, --sizes, --width-scale, --batch-size, --seed, "
+            "--repeats, --warmup, --threads, --variants/--no-compile, the device's type; its command is in "
+            "benchmark.json), or another --out")
     return earlier["models"], float(earlier.get("wall_seconds", 0.0))
 
 
@@ -619,6 +670,7 @@ PAIRS = (
     ("svi-novalid-unshared", "svi-novalid", "SVI step, path not shared / shared"),
     ("fused-unshared", "fused", "fused, path not shared / shared"),
     ("fused-every-density", "fused", "fused, every density / those read"),
+    ("fused-registering", "fused", "fused, registering / registered"),
 )
 
 
@@ -693,7 +745,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     failed = [f"- {m['model']}: the `cuda-graph` variant failed and is left out of its row: "
               f"`{m['cuda_graph_error']}`" for m in r["models"] if m.get("cuda_graph_error")]
     return "\n".join([
-        f"# Training step: project objective vs hand-written PyTorch (sizes of preset `{r['sizes_preset']}`)",
+        f"# Training step: project objective vs hand-written PyTorch (sizes of preset `{r['sizes_preset']}`"
+        + (f", widths × {r['width_scale']:g}" if r.get("width_scale", 1.0) != 1.0 else "") + ")",
         "",
         *status,
         f"Protocol: {r['protocol']}. {r['protocol_details']}.",
@@ -739,6 +792,14 @@ def _machines_sentence(r: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------------- CLI
 
 
+def width_scale(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be in (0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m experiments.benchmark_steps", description=__doc__.split("\n\n")[0],
                     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -748,6 +809,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default="paper", choices=("quick", "cpu", "paper"),
                         help="the preset whose network sizes each model takes from its experiment's presets "
                         "file (default paper: the papers' sizes)")
+    parser.add_argument("--width-scale", dest="width_scale", type=width_scale, default=1.0,
+                        help="multiply every width of those sizes (layers, LSTM states, latents, U-Net "
+                        "channels) by this, in (0, 1]; steps and layers are kept, so the step runs the same "
+                        "operations on smaller tensors. With 0.02 and --batch-size 1 a CPU step is bound by "
+                        "the per-operation cost of the host, as the issue's GPU step is by kernel launches "
+                        "(default 1: the sizes as they are)")
     parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=16,
                         help="images per step, >= 1 (default 16: small, where per-step overhead dominates "
                         "as it does on a GPU)")
@@ -801,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
         refuse_existing(parser, out, args.force, resumable=True)
     try:
         run(models, args.sizes, args.batch_size, device, args.repeats, args.warmup, args.seed, out,
-            variants, progress=not args.no_progress, resume=args.resume,
+            variants, progress=not args.no_progress, resume=args.resume, width_scale=args.width_scale,
             command=reproduce_command("experiments.benchmark_steps", sys.argv[1:] if argv is None else argv,
                                       out, device))
     except BenchmarkExists as e:

@@ -80,6 +80,7 @@ Example::
                       out_dir="runs/vae_gan", extras=[MyDiscriminator(vae)], clip_norm=10.0)
 """
 
+import contextlib
 import json
 import math
 import os
@@ -110,6 +111,7 @@ from inference.checkpoint import (
     save_checkpoint,
 )
 from inference.compiled import compile_networks
+from ppl_models.base import params_registered
 
 __all__ = [
     "BEST_NAME",
@@ -695,6 +697,10 @@ class Trainer:
     def _graph_step(self, args: tuple, epoch: int) -> tuple[float, dict[str, float]]:
         """A step of the captured graphs: loss and gradients, the loss read back and checked, the update."""
         assert self.graphed_step is not None
+        if self.graphed_step.params is not self._clip_order():
+            # Clip in SVI mode's order (by param-store name, known once the first step registered them), as
+            # the eager fused step does; set before the first warm-up step, so before any capture.
+            self.graphed_step.params = self._clip_order()
         value = float(self.graphed_step.loss(*args))  # the step's one read-back
         if not math.isfinite(value):
             self._raise_non_finite(epoch, value)
@@ -902,7 +908,11 @@ class _StepLoss(nn.Module):
 
     def forward(self, batch: Batch, *args: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         t = self._trainer
-        elbo_loss = t.loss.differentiable_loss(t.model, t.guide, *args)
+        # After the first step has registered and checked the parameters, the fused step needs no Pyro
+        # param messages (SVI mode finds the parameters to step through them, every step).
+        fused = t._params_checked and t.mode != "svi"
+        with params_registered() if fused else contextlib.nullcontext():
+            elbo_loss = t.loss.differentiable_loss(t.model, t.guide, *args)
         extra_loss, terms = t._generator_terms(batch)
         return (elbo_loss if extra_loss is None else elbo_loss + extra_loss), elbo_loss, terms
 

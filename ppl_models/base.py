@@ -12,7 +12,9 @@ scorer and the guide fine-tuner of :mod:`inference` need nothing model-specific 
 * :meth:`ModelGuidePair.guide_parameters`: φ, the parameters only q uses (what a guide-only fine-tune may
   touch); :meth:`ModelGuidePair.model_parameters` is the rest, θ.
 * :attr:`ModelGuidePair.param_prefix`: the name under which ``pyro.module`` registers the module, so Pyro's
-  parameter-store names are ``f"{param_prefix}$$${name}"``.
+  parameter-store names are ``f"{param_prefix}$$${name}"``; ``model`` and ``guide`` register it with
+  :meth:`ModelGuidePair.register_params`, which :func:`params_registered` turns off for a training step that
+  has registered them already.
 
 Models register under a name with :func:`register_model`; :func:`build_model` builds one by name, so
 presets name models and no experiment imports another's constructors.
@@ -20,13 +22,39 @@ presets name models and no experiment imports another's constructors.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyro
 import torch
 from torch import nn
 
 KINDS = ("generator", "imputer")
+
+#: Whether :meth:`ModelGuidePair.register_params` registers (see :func:`params_registered`).
+_REGISTERING = [True]
+
+
+@contextlib.contextmanager
+def params_registered() -> Iterator[None]:
+    """Within the block, :meth:`ModelGuidePair.register_params` does not register the module with Pyro again:
+    no ``param`` message is sent, so the model's and guide's traces have no param sites.
+
+    For a training step that steps ``module.parameters()`` itself (the Trainer's ``--step fused``), after a
+    first step has registered them and checked that they are all its parameters. ``pyro.module`` sends one
+    message per parameter through the handler stack at every call, model and guide, every step, though the
+    parameters are already in the store and nothing in such a step reads the records: on a host-bound step
+    (the issue's launch-bound GPU step; a CPU step at small sizes) that was about a quarter of the Pyro
+    objective's overhead over a hand-written loss. Values are unchanged: the networks use their own
+    parameters either way. Anything that finds parameters through Pyro's messages (``SVI.step``,
+    ``poutine.trace(param_only=True)``, ``poutine.lift``) must not run inside the block."""
+    before, _REGISTERING[0] = _REGISTERING[0], False
+    try:
+        yield
+    finally:
+        _REGISTERING[0] = before
 
 
 class ModelGuidePair(nn.Module):
@@ -34,6 +62,12 @@ class ModelGuidePair(nn.Module):
 
     #: the name under which ``pyro.module`` registers this module.
     param_prefix: str = ""
+
+    def register_params(self) -> None:
+        """``pyro.module(self.param_prefix, self)``, which ``model`` and ``guide`` call first; nothing inside
+        :func:`params_registered`."""
+        if _REGISTERING[0]:
+            pyro.module(self.param_prefix, self)
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError

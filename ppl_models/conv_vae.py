@@ -95,7 +95,7 @@ class ConvVAE(ModelGuidePair):
         return torch.sigmoid(out).reshape(*lead, self.x_dim)
 
     def model(self, x: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         n = x.shape[0] if x is not None else num_samples
         if n is None:
             raise ValueError("give data x or num_samples")
@@ -108,7 +108,7 @@ class ConvVAE(ModelGuidePair):
         return mean
 
     def guide(self, x: torch.Tensor, num_samples: int | None = None) -> None:
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         loc, scale = self.encode(x)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z_0", dist.Normal(loc, scale).to_event(1))

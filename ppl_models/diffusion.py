@@ -138,7 +138,7 @@ class DiffusionPair(ModelGuidePair):
     def model(self, x: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
         """p: x_T ~ p(x_T), then the denoising steps down to the observation ``x`` = x_0; returns the
         observation distribution's mean."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         if x is None and num_samples is None:
             raise ValueError("model needs data x or num_samples to sample unconditionally")
         n = x.shape[0] if x is not None else num_samples

@@ -180,7 +180,7 @@ class DRAWGenerator(ModelGuidePair):
 
         ``model(None, num_samples=n)`` samples n images' trajectories without any data.
         """
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         n = self._num_rows(x, num_samples)
         with pyro.plate("data", n):
             canvases = self._roll_out(None, n)
@@ -189,7 +189,7 @@ class DRAWGenerator(ModelGuidePair):
 
     def guide(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
         """q(τ | x*). Returns the canvases of p along q's trajectory, shape (T + 1, N, x_dim)."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         if x is None:
             raise ValueError("the guide policy q needs the target images x (shape (N, x_dim))")
         n = self._num_rows(x, num_samples)

@@ -289,7 +289,7 @@ class GCRLGenerator(ModelGuidePair):
 
     def model(self, x: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
         """p: the S-agent's trajectory (Alg. 3) and the final Gaussian step scoring x."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         n = x.shape[0] if x is not None else num_samples
         if n is None:
             raise ValueError("give data x or num_samples")
@@ -304,7 +304,7 @@ class GCRLGenerator(ModelGuidePair):
 
     def guide(self, x: torch.Tensor, num_samples: int | None = None) -> None:
         """q: the GC-agent's trajectory towards the goal x (greedy, or Boltzmann with ``tau`` > 0)."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         s = self.start(x.shape[0])
         with pyro.plate("data", x.shape[0]):
             for h in pyro.markov(range(1, self.steps + 1)):

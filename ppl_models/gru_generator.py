@@ -128,7 +128,7 @@ class GRUGenerator(ModelGuidePair):
         """The Pyro model: sites ``x_1`` … ``x_L`` under :func:`pyro.markov`, observed from ``x`` (teacher
         forcing: the GRU reads the data) or, without ``x``, sampled and fed back (``num_samples`` sequences of
         ``length``). Returns the sequence."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         length = self.x_dim if length is None else length
         if x is None and num_samples is None:
             raise ValueError("the model needs data x, or num_samples to run free")

@@ -135,7 +135,7 @@ class GSNChain(VAE):
               num_steps: int | None = None) -> torch.Tensor:
         """p: the T per-step reconstructions of the unrolled chain (see the module docstring). With
         ``x=None`` it draws ``num_samples`` images from the one-step generative model p*(z) p(x | z)."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         if x is None:
             if num_samples is None:
                 raise ValueError("model needs data x or num_samples to sample unconditionally")
@@ -155,7 +155,7 @@ class GSNChain(VAE):
 
     def guide(self, x: torch.Tensor, num_samples: int | None = None, num_steps: int | None = None) -> None:
         """q: the chain run from the data, z_t ~ q(z | x_t), x_{t+1} = feed(p(x | z_t))."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         steps = self._steps(num_steps)
         cur = x
         with pyro.plate("data", x.shape[0]):

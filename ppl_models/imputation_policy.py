@@ -63,7 +63,7 @@ class ImputationPolicy(ModelGuidePair):
         ``model(None, None, num_samples=n)`` runs p with every pixel missing and nothing observed: n
         unconditional samples.
         """
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         x, mask, obs = self._inputs(x, mask, num_samples)
         with pyro.plate("data", x.shape[0]):
             canvases = self._roll_out(x, mask, guide=False)
@@ -73,7 +73,7 @@ class ImputationPolicy(ModelGuidePair):
 
     def guide(self, x: torch.Tensor, mask: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
         """q(τ | x_u, x_k). Returns the canvases stacked, shape (steps + 1, B, D)."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         if x is None:
             raise ValueError("the guide policy needs the complete data x (it sees the missing values)")
         x, mask, _ = self._inputs(x, mask, None)

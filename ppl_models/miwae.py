@@ -104,7 +104,7 @@ class MIWAE(ModelGuidePair):
 
     def model(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """p(z_0, x_k): the observation site scores only the known pixels."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         known = _check_pair(x, mask)
         ref = next(self.parameters())
         with pyro.plate("data", x.shape[0]):
@@ -120,7 +120,7 @@ class MIWAE(ModelGuidePair):
 
     def guide(self, x: torch.Tensor, mask: torch.Tensor) -> None:
         """q(z_0 | x ⊙ m, m)."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         _check_pair(x, mask)
         with pyro.plate("data", x.shape[0]):
             loc, scale = self.encode(x, mask)

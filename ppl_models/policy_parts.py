@@ -91,8 +91,12 @@ def cat_inputs(tensors: list[torch.Tensor]) -> torch.Tensor:
     Under a vectorised particle plate (IWAE, importance sampling) the states carry a leading particle
     dimension while the data and the mask do not; broadcasting lets one code path serve both.
     """
-    shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
-    return torch.cat([t.expand(*shape, t.shape[-1]) for t in tensors], -1)
+    batch = tensors[0].shape[:-1]
+    if any(t.shape[:-1] != batch for t in tensors[1:]):
+        # (torch.broadcast_shapes is Python code worth skipping where the shapes agree, as in training.)
+        shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+        tensors = [t.expand(*shape, t.shape[-1]) for t in tensors]
+    return torch.cat(tensors, -1)
 
 
 def lstm_cell(input_dim: int, hidden_dim: int, forget_bias: float = 2.0) -> nn.LSTMCell:
@@ -155,8 +159,10 @@ def writer_step(
 def stack_canvases(canvases: list[torch.Tensor]) -> torch.Tensor:
     """c_0..c_T stacked to (T + 1, ..., D). c_0 has no particle dimension under vectorised importance
     sampling while the later canvases may, so they are broadcast first."""
-    shape = torch.broadcast_shapes(*(c.shape for c in canvases))
-    return torch.stack([c.expand(shape) for c in canvases])
+    if any(c.shape != canvases[0].shape for c in canvases[1:]):
+        shape = torch.broadcast_shapes(*(c.shape for c in canvases))
+        canvases = [c.expand(shape) for c in canvases]
+    return torch.stack(canvases)
 
 
 _T = TypeVar("_T")

@@ -72,7 +72,7 @@ class VAE(ModelGuidePair):
 
     def model(self, x: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
         """p(z_0, x). With ``x=None`` it samples ``num_samples`` images (no data needed)."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         if x is None and num_samples is None:
             raise ValueError("model needs data x or num_samples to sample unconditionally")
         n = x.shape[0] if x is not None else num_samples
@@ -84,7 +84,7 @@ class VAE(ModelGuidePair):
 
     def guide(self, x: torch.Tensor, num_samples: int | None = None) -> None:
         """q(z_0 | x)."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         with pyro.plate("data", x.shape[0]):
             loc, scale = self.encode(x)
             pyro.sample("z_0", dist.Normal(loc, scale).to_event(1))

@@ -258,7 +258,7 @@ class VariationalWalkback(ModelGuidePair):
 
     def model(self, x: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
         """p cools: s_K ~ p*, then s_{t-1} ~ p_{T_t}(s_{t-1} | s_t) for t = K … 1; x = s_0 observed."""
-        pyro.module(self.param_prefix, self)
+        self.register_params()
         if x is None and num_samples is None:
             raise ValueError("model needs data x or num_samples to sample unconditionally")
         n = x.shape[0] if x is not None else num_samples
