@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyro
 import torch
 from pyro.infer import ELBO
 
@@ -60,7 +59,8 @@ class SubsampledDiffusionELBO(ELBO):
         raise NotImplementedError("SubsampledDiffusionELBO computes its terms in closed form, without traces")
 
     #: what the pair must provide
-    needed: tuple[str, ...] = ("num_steps", "q_sample", "step_kl", "prior_kl", "decoder_nll")
+    needed: tuple[str, ...] = ("num_steps", "q_sample", "step_kl", "prior_kl", "decoder_nll",
+                               "register_params")
 
     def _pair(self, model: Any) -> Any:
         pair = getattr(model, "__self__", None)
@@ -72,7 +72,7 @@ class SubsampledDiffusionELBO(ELBO):
     def per_datum(self, model: Any, guide: Any, x: torch.Tensor) -> torch.Tensor:
         """One draw of the estimator's −ELBO per data point, (N,), differentiable."""
         pair = self._pair(model)
-        pyro.module(pair.param_prefix, pair)
+        pair.register_params()
         T = pair.num_steps
         total = pair.prior_kl(x) + pair.decoder_nll(pair.q_sample(x, 1), x)
         if T < 2:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyro
 import torch
 
 from inference.diffusion_elbo import SubsampledDiffusionELBO
@@ -28,7 +27,7 @@ class SimpleDiffusionLoss(SubsampledDiffusionELBO):
     """L_simple summed over the batch (see the module docstring); used where an ELBO goes (``Trainer``,
     ``SVI``), reading the pair from the bound ``model`` method and ignoring the fixed noising ``guide``."""
 
-    needed = ("num_steps", "simple_loss")
+    needed = ("num_steps", "simple_loss", "register_params")
 
     def __init__(self) -> None:
         super().__init__("sample")
@@ -36,6 +35,6 @@ class SimpleDiffusionLoss(SubsampledDiffusionELBO):
     def per_datum(self, model: Any, guide: Any, x: torch.Tensor) -> torch.Tensor:
         """One draw of ||ε − ε_θ||² per data point, (N,), differentiable."""
         pair = self._pair(model)
-        pyro.module(pair.param_prefix, pair)
+        pair.register_params()
         t = torch.randint(1, pair.num_steps + 1, (x.shape[0],), device=x.device)
         return pair.simple_loss(x, t)

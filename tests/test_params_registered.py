@@ -5,11 +5,15 @@ benchmark's ``--width-scale`` keeps the step's operations while it narrows the n
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import pyro
 import pytest
 import torch
 from pyro import poutine
 
+import inference.train as train
 from experiments.benchmark_steps import MODELS, build_case, main, narrowed, operation_counts
 from inference.pathwise_kl_elbo import PathwiseKL_ELBO
 from inference.train import Trainer
@@ -18,14 +22,15 @@ from ppl_models.base import params_registered
 CPU = torch.device("cpu")
 
 
-def _traces(module, inputs, seed=0):
+def _traces(module: Any, inputs: tuple[torch.Tensor, ...], seed: int = 0) -> tuple[Any, Any]:
     torch.manual_seed(seed)
     guide_trace = poutine.trace(module.guide).get_trace(*inputs)
     model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*inputs)
     return guide_trace, model_trace
 
 
-def _loss_and_grads(module, inputs, seed=0):
+def _loss_and_grads(module: Any, inputs: tuple[torch.Tensor, ...],
+                    seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
     module.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     loss = PathwiseKL_ELBO().differentiable_loss(module.model, module.guide, *inputs)
@@ -64,7 +69,7 @@ def test_the_scope_is_restored_after_an_error():
     assert any(site["type"] == "param" for site in model_trace.nodes.values())
 
 
-def _counting_registrations(monkeypatch) -> list[int]:
+def _counting_registrations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = [0]
     real = pyro.module
 
@@ -76,19 +81,21 @@ def _counting_registrations(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("mode", ["fused", "svi"])
-def test_the_fused_step_registers_at_its_first_step_only(tmp_path, monkeypatch, mode):
-    case = build_case("gpsi-add", "quick", 16, CPU, seed=0)
+@pytest.mark.parametrize("name", ["gpsi-add", "diffusion-gaussian"])
+def test_the_fused_step_registers_at_its_first_step_only(tmp_path, monkeypatch, mode, name):
+    case = build_case(name, "quick", 16, CPU, seed=0)
     module = case.module
     optimizer = ((lambda params: torch.optim.Adam(params, lr=1e-3)) if mode == "fused"
                  else pyro.optim.Adam({"lr": 1e-3}))
-    trainer = Trainer(module.model, module.guide, module, PathwiseKL_ELBO(), optimizer, case.inputs,
+    trainer = Trainer(module.model, module.guide, module, case.objective, optimizer, case.inputs,
                       batch_size=4, epochs=1, seed=0, device="cpu", out_dir=tmp_path, progress=False)
     calls = _counting_registrations(monkeypatch)
     trainer.fit()
     steps = 16 // 4
-    # model and guide: once at the first step in the fused step, which checks the parameters there; at
-    # every step in SVI's, which finds the parameters to step through Pyro's param messages
-    assert calls[0] == (2 if mode == "fused" else 2 * steps)
+    per_step = 2 if name == "gpsi-add" else 1  # model and guide; diffusion's loss registers the pair once
+    # at the first step only in the fused step, which checks the parameters there; at every step in SVI
+    # mode, which finds the parameters to step through Pyro's param messages
+    assert calls[0] == (per_step if mode == "fused" else per_step * steps)
     # the store still holds every parameter, as registered at the first step (checkpoints, clip order)
     store = pyro.get_param_store()
     assert {id(store[n]) for n in store.keys()} == {id(p) for p in module.parameters()}
@@ -96,7 +103,6 @@ def test_the_fused_step_registers_at_its_first_step_only(tmp_path, monkeypatch, 
 
 def test_fused_training_is_unchanged_by_the_scope(tmp_path, monkeypatch):
     """The same weights with registration at every step as with the scope (float32, bit for bit)."""
-    import inference.train as train
 
     def train_gpsi(out):
         case = build_case("gpsi-add", "quick", 16, CPU, seed=0)
@@ -108,7 +114,6 @@ def test_fused_training_is_unchanged_by_the_scope(tmp_path, monkeypatch):
 
     with_scope = train_gpsi(tmp_path / "a")
     with monkeypatch.context() as m:
-        import contextlib
         m.setattr(train, "params_registered", contextlib.nullcontext)
         without = train_gpsi(tmp_path / "b")
     assert all(torch.equal(with_scope[k], without[k]) for k in with_scope)

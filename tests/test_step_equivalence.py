@@ -36,6 +36,10 @@ ROUND_OFF = re.compile(r"guided|professor|paired_difference")
 #: compared: training carries round-off into differences as large as a rerun's (a chain's mode entropy
 #: 0.21 against 0.0 in one quick GSN run), which is what a different seed gives too.
 ROUND_OFF_RTOL = 1e-5
+#: An accuracy there counts predictions: round-off that moves one across the threshold changes it by a step
+#: (professor forcing's discriminator: 0.5322 against 0.5330 in its first epoch with one thread, equal with
+#: two), so accuracies are compared to this absolute tolerance, a few predictions.
+ROUND_OFF_ACCURACY_ATOL = 0.005
 
 EXPERIMENTS = {
     "vae": [],
@@ -90,7 +94,9 @@ def test_fused_trains_to_the_numbers_of_the_svi_step(name, tmp_path, monkeypatch
     differ = [k for k in svi if svi[k] != fused[k]]
     for k in differ:
         if ROUND_OFF.search(k):
-            assert math.isclose(svi[k], fused[k], rel_tol=ROUND_OFF_RTOL), (k, svi[k], fused[k])
+            tolerance = ({"abs_tol": ROUND_OFF_ACCURACY_ATOL} if k.endswith("accuracy")
+                         else {"rel_tol": ROUND_OFF_RTOL})
+            assert math.isclose(svi[k], fused[k], **tolerance), (k, svi[k], fused[k])
         elif k.endswith("train_loss"):
             # The training loss as reported, added up at another precision (module docstring); the weights
             # are what the other numbers check.
