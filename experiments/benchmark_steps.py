@@ -111,7 +111,7 @@ from experiments.benchmark_gpsi import (
     summarise,
     time_interleaved,
 )
-from experiments.common import Parser, build_registered, non_negative_int, positive_int
+from experiments.common import Parser, build_registered, non_negative_int, positive_float, positive_int
 from experiments.config import load_preset
 from experiments.diffusion import model_sizes
 from experiments.report import markdown_table, reproduce_command, write_report
@@ -794,11 +794,8 @@ def _machines_sentence(r: dict[str, Any]) -> list[str]:
 
 def width_scale(text: str) -> float:
     """An argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:  # NaN fails this too
+    value = positive_float(text)
+    if value > 1:
         raise argparse.ArgumentTypeError(f"{value} is out of range: must be in (0, 1]")
     return value
 

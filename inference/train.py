@@ -614,8 +614,10 @@ class Trainer:
         None rather than zeros (torch's zero_grad(set_to_none=True)), so that a parameter a later step does
         not reach (a temperature level's own normalisation) is not moved by Adam's momentum, in a resumed run
         as in an uninterrupted one."""
-        ordered = _in_store_order(params)
-        if self.world_size > 1 and not self.data_parallel:
+        all_reduce = self.world_size > 1 and not self.data_parallel
+        # Only the float reductions need the fixed order; the per-parameter update does not.
+        ordered = _in_store_order(params) if all_reduce or self.clip_norm is not None else list(params)
+        if all_reduce:
             # Summed over processes in one order on all of them (their shards' gradients add up to the
             # minibatch's); a parameter no process reached keeps no gradient.
             distributed.all_reduce_gradients(ordered)
@@ -697,10 +699,6 @@ class Trainer:
     def _graph_step(self, args: tuple, epoch: int) -> tuple[float, dict[str, float]]:
         """A step of the captured graphs: loss and gradients, the loss read back and checked, the update."""
         assert self.graphed_step is not None
-        if self.graphed_step.params is not self._clip_order():
-            # Clip in SVI mode's order (by param-store name, known once the first step registered them), as
-            # the eager fused step does; set before the first warm-up step, so before any capture.
-            self.graphed_step.params = self._clip_order()
         value = float(self.graphed_step.loss(*args))  # the step's one read-back
         if not math.isfinite(value):
             self._raise_non_finite(epoch, value)
@@ -893,6 +891,10 @@ class Trainer:
                 f"it: {stray} ({remedy} or move them into the module)"
             )
         self._params_checked = True
+        if self.graphed_step is not None:
+            # Clip in SVI mode's order (by param-store name, known now that this step registered them), as
+            # the eager fused step does; set before the captured steps' first warm-up, so before any capture.
+            self.graphed_step.params = self._clip_order()
 
 
 class _StepLoss(nn.Module):
